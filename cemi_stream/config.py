@@ -1,0 +1,302 @@
+"""One typed configuration for the whole daemon.
+
+The configuration is a tree of frozen dataclasses.  It is read from a TOML
+file (``--config FILE``) and/or overridden from the command line; unknown keys
+and wrongly typed values are rejected with a :class:`ConfigError` that names
+the dotted key.  Defaults are what a microscopist gets with no file at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    """ZeroMQ frame bus settings.
+
+    Attributes
+    ----------
+    transport : {"ipc", "tcp"}
+        ``ipc`` (Unix domain sockets, default) or ``tcp`` loopback/network.
+    host : str
+        Interface to bind for tcp; 127.0.0.1 unless deliberately exposed.
+    port_base : int
+        First tcp port; pipes and the monitor stream take consecutive ports.
+    ipc_dir : str or None
+        Directory for ipc socket files; None puts them in ``RUN_DIR/bus`` (or
+        a temporary directory when that path is too long for a socket name).
+    hwm : int
+        High-water mark in messages per pipe: the bound on frames in flight
+        before the sender blocks (back-pressure, never silent loss).
+    heartbeat_s : float
+        Seconds between heartbeats on idle pipes.
+    max_frame_bytes : int
+        Largest accepted payload; bigger messages are rejected on receive.
+    pipes : list of str
+        Names of the durable (PUSH/PULL) downstream pipes the capture feeds.
+    monitor : bool
+        Also publish every frame on the lossy PUB stream for dashboards.
+    drain_timeout_s : float
+        At end of stream, how long to wait for a consumer that never
+        connected before giving up (the spool still holds every frame).
+    """
+
+    transport: Literal["ipc", "tcp"] = "ipc"
+    host: str = "127.0.0.1"
+    port_base: int = 5550
+    ipc_dir: str | None = None
+    hwm: int = 64
+    heartbeat_s: float = 1.0
+    max_frame_bytes: int = 256 * 1024 * 1024
+    pipes: list[str] = field(default_factory=lambda: ["stitch"])
+    monitor: bool = True
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Thresholds for rejecting fault frames (grey levels on 0..255).
+
+    Attributes
+    ----------
+    blank_std : float
+        A frame whose standard deviation is below this is ``blank``.
+    saturated_fraction : float
+        A frame with more than this fraction of pixels at 255 is ``saturated``.
+    frozen_mad : float
+        A frame whose mean absolute difference from the previous input frame
+        (at 1/4 resolution) is below this is ``frozen``.
+    """
+
+    blank_std: float = 2.0
+    saturated_fraction: float = 0.5
+    frozen_mad: float = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class KeyframeConfig:
+    """Keyframe selection.
+
+    Attributes
+    ----------
+    mode : {"auto", "on", "off"}
+        ``auto`` selects keyframes for video-like sources (video files,
+        devices, sim video) and keeps every frame of image folders and stacks.
+    overlap : float
+        Target overlap (area fraction) of a keyframe with the previous one.
+    downsample : int
+        Resolution divisor for the fast phase correlation.
+    min_score : float
+        Normalised cross-correlation below which a displacement estimate is
+        not trusted (the frame has lost track of the last keyframe).
+    end_overlap : float
+        At a row end or end of stream, the last frame is also kept when its
+        overlap with the last keyframe is below this (so the row end is covered).
+    """
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    overlap: float = 0.5
+    downsample: int = 4
+    min_score: float = 0.2
+    end_overlap: float = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """Capture-stage preprocessing.
+
+    Attributes
+    ----------
+    crop : str
+        ``auto`` (detect data bar and UI borders on the first frame), ``none``,
+        or ``x,y,width,height`` in pixels.
+    faults : FaultConfig
+        Fault-frame thresholds.
+    keyframes : KeyframeConfig
+        Keyframe selection settings.
+    """
+
+    crop: str = "auto"
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """Raw frame spool (``frames.zarr``).
+
+    Attributes
+    ----------
+    compression : {"lz4", "zstd", "none"}
+        Chunk codec; lz4 costs ~1 ms per 1024 x 768 frame.
+    fsync_interval_s : float
+        Chunk files and the frame table are fsynced at most this far apart
+        (0 = after every frame).  A killed process loses nothing either way;
+        this bounds what a power failure can lose.
+    memory_frames : int
+        Frames kept in RAM for the publisher; beyond that, it re-reads them
+        from the spool so a slow consumer never stalls the capture.
+    """
+
+    compression: Literal["lz4", "zstd", "none"] = "lz4"
+    fsync_interval_s: float = 1.0
+    memory_frames: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon configuration."""
+
+    bus: BusConfig = field(default_factory=BusConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Validate ``value`` against a type hint, returning the converted value."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if dataclasses.is_dataclass(value) and isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported configuration type {hint!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys.
+
+    Parameters
+    ----------
+    cls : type
+        A dataclass type from this module.
+    data : dict
+        Keys and values, nested tables as dicts.
+    prefix : str
+        Dotted path of ``data`` inside the whole configuration (for messages).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown configuration key "
+            f"(known: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _check_value(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The configuration as plain nested dicts (for ``run.json``)."""
+    return dataclasses.asdict(obj)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (optional) and apply dotted-key overrides.
+
+    Parameters
+    ----------
+    path : path or None
+        TOML file; None uses the defaults.
+    overrides : dict or None
+        Dotted keys such as ``{"capture.keyframes.overlap": 0.4}``, applied
+        after the file (command-line flags end up here).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: configuration file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is not a table")
+        node[leaf] = value
+    config = from_dict(Config, data)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+    kf = config.capture.keyframes
+    if not 0.05 <= kf.overlap <= 0.95:
+        raise ConfigError(f"capture.keyframes.overlap: {kf.overlap} is outside 0.05..0.95")
+    if kf.downsample < 1 or kf.downsample > 16:
+        raise ConfigError(f"capture.keyframes.downsample: {kf.downsample} is outside 1..16")
+    if not kf.overlap < kf.end_overlap <= 1.0:
+        raise ConfigError("capture.keyframes.end_overlap: must lie between overlap and 1")
+    bus = config.bus
+    if bus.hwm < 1:
+        raise ConfigError(f"bus.hwm: {bus.hwm} must be at least 1")
+    if not 1 <= bus.port_base <= 65000:
+        raise ConfigError(f"bus.port_base: {bus.port_base} is not a usable port")
+    if len(set(bus.pipes)) != len(bus.pipes):
+        raise ConfigError("bus.pipes: pipe names must be unique")
+    for name in bus.pipes:
+        if not name.isidentifier():
+            raise ConfigError(f"bus.pipes: {name!r} is not a valid pipe name")
+    if config.spool.memory_frames < 1:
+        raise ConfigError("spool.memory_frames: must be at least 1")
+    if config.spool.fsync_interval_s < 0:
+        raise ConfigError("spool.fsync_interval_s: must not be negative")
