@@ -20,6 +20,9 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
+DEFAULT_HWM = 64
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class BusConfig:
@@ -56,9 +59,9 @@ class BusConfig:
     host: str = "127.0.0.1"
     port_base: int = 5550
     ipc_dir: str | None = None
-    hwm: int = 64
+    hwm: int = DEFAULT_HWM
     heartbeat_s: float = 1.0
-    max_frame_bytes: int = 256 * 1024 * 1024
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     pipes: list[str] = field(default_factory=lambda: ["stitch"])
     monitor: bool = True
     drain_timeout_s: float = 30.0
@@ -232,8 +235,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown configuration key "
-            f"(known: {', '.join(sorted(names))})"
+            f"{prefix}{unknown[0]}: unknown configuration key (known: {', '.join(sorted(names))})"
         )
     kwargs = {k: _check_value(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)

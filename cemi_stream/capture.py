@@ -1,0 +1,244 @@
+"""The capture process: source -> front end -> spool -> bus.
+
+One thread reads the source, preprocesses each frame, appends every kept
+frame to the spool and only then hands it to the :class:`~cemi_stream.bus.FrameLog`.
+Each pipe (and the monitor stream) is served by its own sender thread, so a
+slow or absent consumer never stalls the capture: frames it has not taken
+yet wait in RAM (a bounded number) or in the spool.
+
+``RUN_DIR`` afterwards holds ``frames.zarr`` (the spool), ``capture.csv``
+(one line per input frame: ``src_index,kept,reason,dx_px,dy_px,seq``),
+``capture.json`` (summary), ``capture.log`` and ``bus.json`` (endpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+import drivers
+
+from . import __version__
+from .bus import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
+from .config import Config, to_dict
+from .errors import BusError, CemiError, SpoolError
+from .frame import Frame
+from .frontend import FrontEnd
+from .keyframes import Decision, format_decision
+from .progress import Progress
+from .spool import SPOOL_DIR, FrameSpool, SpoolReader
+
+log = logging.getLogger(__name__)
+
+DECISIONS_HEADER = "src_index,kept,reason,dx_px,dy_px,seq\n"
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass(slots=True)
+class CaptureSummary:
+    """What a capture run did (also written to ``capture.json``)."""
+
+    run_id: str
+    source: str
+    frames_in: int = 0
+    kept: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    input_fps: float = 0.0
+    pipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    crop: dict[str, Any] = field(default_factory=dict)
+    stopped_by: str = "end_of_source"
+    error: str | None = None
+
+
+class _SpoolFallback:
+    """Thread-safe lazy reader used by pipes that fell behind the RAM window."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._reader: SpoolReader | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, seq: int) -> Frame:
+        with self._lock:
+            if self._reader is None:
+                self._reader = SpoolReader(self.run_dir)
+            return self._reader.read(seq)
+
+
+def run_capture(
+    source_uri: str,
+    run_dir: Path,
+    config: Config,
+    *,
+    pace: str | None = None,
+    loop: bool | None = None,
+    stop: threading.Event | None = None,
+    progress: bool = True,
+) -> CaptureSummary:
+    """Run the capture process until the source ends or ``stop`` is set.
+
+    Parameters
+    ----------
+    source_uri : str
+        Frame source (see :mod:`drivers.registry`).
+    run_dir : Path
+        Run directory; must not already hold a spool.
+    config : Config
+        Daemon configuration (bus, capture, spool sections are used).
+    pace, loop : optional
+        Pacing and looping for replay sources (see :func:`drivers.open_source`).
+    stop : threading.Event or None
+        Set it (e.g. from a SIGINT handler) to end the capture cleanly.
+    progress : bool
+        Show a progress counter on stderr.
+
+    Returns
+    -------
+    CaptureSummary
+        Counts and timings; the same data is in ``run_dir/capture.json``.
+
+    Raises
+    ------
+    CemiError
+        Source, spool or bus failures, after everything already spooled has
+        been closed properly (and delivered, where consumers are listening).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / SPOOL_DIR).exists():
+        raise SpoolError(f"{run_dir / SPOOL_DIR}: a spool already exists; use a new run directory")
+    stop = stop or threading.Event()
+    source = drivers.open_source(source_uri, pace=pace, loop=loop)
+    run_id = new_run_id()
+    summary = CaptureSummary(run_id=run_id, source=source_uri)
+    context: zmq.Context[Any] = zmq.Context()
+    senders: list[PipeSender] = []
+    spool: FrameSpool | None = None
+    frames = FrameLog(config.spool.memory_frames, reader=_SpoolFallback(run_dir))
+    started = time.monotonic()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = source.info
+        front = FrontEnd(config.capture, video_like=info.video_like)
+        endpoints = make_endpoints(config.bus, run_dir)
+        for name, url in endpoints.pipes.items():
+            senders.append(PipeSender(name, url, frames, run_id, config.bus, context))
+        if endpoints.monitor:
+            senders.append(
+                PipeSender(MONITOR, endpoints.monitor, frames, run_id, config.bus, context, False)
+            )
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.wait_bound()
+        write_endpoints(run_dir, endpoints)
+        log.info(
+            "capture %s: source %s (%s), keyframes %s, pipes %s",
+            run_id, source_uri, info.kind,
+            "selected" if front.select_keyframes else "every frame",
+            ", ".join(endpoints.pipes) or "none",
+        )  # fmt: skip
+        bar = Progress("capture", info.frame_count, enabled=progress)
+        with open(run_dir / "capture.csv", "w", encoding="utf-8") as decisions_csv:
+            decisions_csv.write(DECISIONS_HEADER)
+
+            def commit(decisions: list[Decision]) -> None:
+                nonlocal spool
+                for d in decisions:
+                    seq: int | None = None
+                    if d.kept:
+                        if spool is None:
+                            spool = FrameSpool.create(
+                                run_dir,
+                                d.frame.shape,
+                                config.spool,
+                                {
+                                    "run_id": run_id,
+                                    "source": source_uri,
+                                    "frame_shape": list(d.frame.shape),
+                                    "crop": front.crop_info,
+                                    "cemi_stream": __version__,
+                                },
+                            )
+                        seq = spool.append(d.frame)
+                        frames.append(d.frame)  # published only once on disk
+                    decisions_csv.write(format_decision(d) + f",{'' if seq is None else seq}\n")
+
+            while not stop.is_set():
+                _raise_sender_error(senders)
+                frame = source.read()
+                if frame is None:
+                    break
+                commit(front.process(frame))
+                bar.update(front.stats.frames_in, f"{front.stats.kept} kept")
+            else:
+                summary.stopped_by = "stop_request"
+            commit(front.finish())
+            bar.close()
+        summary.frames_in = front.stats.frames_in
+        summary.kept = front.stats.kept
+        summary.reasons = dict(front.stats.reasons)
+        summary.crop = dict(front.crop_info)
+    except CemiError as exc:
+        summary.error = str(exc)
+        raise
+    finally:
+        source.close()
+        try:
+            if spool is not None:
+                spool.close()
+        finally:
+            frames.finish()
+            for sender in senders:
+                sender.join()
+            context.term()
+            summary.seconds = time.monotonic() - started
+            summary.input_fps = summary.frames_in / summary.seconds if summary.seconds else 0.0
+            summary.pipes = {
+                s.pipe: {
+                    "sent": s.stats.sent,
+                    "skipped": s.stats.skipped,
+                    "undelivered": s.stats.undelivered,
+                    "ended": s.stats.ended,
+                }
+                for s in senders
+            }
+            if run_dir.is_dir():
+                _write_summary(run_dir, summary, config)
+    _raise_sender_error(senders)
+    log.info(
+        "capture %s finished: %d frames in, %d kept, %.1f s (%s)",
+        run_id, summary.frames_in, summary.kept, summary.seconds,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())),
+    )  # fmt: skip
+    return summary
+
+
+def _raise_sender_error(senders: list[PipeSender]) -> None:
+    for sender in senders:
+        if sender.error is not None:
+            err = sender.error
+            raise err if isinstance(err, CemiError) else BusError(f"pipe {sender.pipe}: {err}")
+
+
+def _write_summary(run_dir: Path, summary: CaptureSummary, config: Config) -> None:
+    data = {
+        "cemi_stream": __version__,
+        "summary": {k: getattr(summary, k) for k in CaptureSummary.__slots__},
+        "config": to_dict(config),
+    }
+    tmp = run_dir / "capture.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(run_dir / "capture.json")

@@ -1,0 +1,349 @@
+"""Command-line entry point (``run_daemon.py``) and its subcommands.
+
+Every user error (bad file, bad option, absent device) is a
+:class:`~cemi_stream.errors.CemiError`; :func:`main` prints its one-line
+message to stderr and returns 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import __version__
+from .config import Config, load_config
+from .errors import CemiError
+
+log = logging.getLogger("cemi_stream")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+    if w < 16 or h < 16:
+        raise argparse.ArgumentTypeError(f"frame size {text} is too small (minimum 16x16)")
+    return w, h
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must lie strictly between 0 and 1")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_frontend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overlap", type=_fraction, help="target keyframe overlap (area fraction, default 0.5)"
+    )
+    p.add_argument(
+        "--keyframes",
+        choices=["auto", "on", "off"],
+        help="keyframe selection (auto: on for video-like sources, off for image folders)",
+    )
+    p.add_argument("--crop", metavar="SPEC", help="auto (default), none, or x,y,width,height")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``run_daemon.py`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="run_daemon.py",
+        description="cemi-stream: live SEM video to centimetre-scale mosaics.",
+    )
+    parser.add_argument("--version", action="version", version=f"cemi-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "simulate",
+        help="virtual SEM: write a simulated traversal as images or a video",
+        description="Simulate a stage traversal with the virtual SEM and write DIR/frames/*.png "
+        "(or DIR/video.avi with --video) and DIR/ground_truth.csv "
+        "(src_index,row,x_px,y_px: true top-left corner of each frame in specimen pixels).",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument(
+        "--source",
+        metavar="IMAGE",
+        help="real micrograph as specimen (default: procedural eutectic)",
+    )
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--frames-per-row", type=int, default=8, metavar="N")
+    p.add_argument("--frame-size", type=_frame_size, default=(1024, 768), metavar="WxH")
+    p.add_argument(
+        "--overlap",
+        type=_fraction,
+        default=0.5,
+        help="overlap of neighbouring fields (default 0.5)",
+    )
+    p.add_argument("--serpentine", action="store_true", help="serpentine instead of raster rows")
+    p.add_argument("--noise", choices=["ld", "hd", "none"], default="ld")
+    p.add_argument(
+        "--video", action="store_true", help="write a video (stage moving, ~95%% frame overlap)"
+    )
+    p.add_argument("--fps", type=float, default=25.0, help="video frame rate (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--databar", action="store_true", help="burn an FEI-style data bar into each frame"
+    )
+    p.add_argument("--jitter-px", type=float, default=None, help="stage jitter per field in pixels")
+    _add_common(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "extract",
+        help="select keyframes from a recorded source into an image folder",
+        description="Write the keyframes of SOURCE as DIR/frames/NNNNNN.png (named by source "
+        "index) and DIR/keyframes.csv (src_index,kept,reason,dx_px,dy_px).",
+    )
+    p.add_argument(
+        "source", metavar="SOURCE", help="video, image folder, TIFF stack, device or sim:"
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    _add_frontend(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser(
+        "capture",
+        help="run the capture process: spool and publish frames until the source ends or SIGINT",
+        description="Read SOURCE, crop, reject fault frames, select keyframes, append each kept "
+        "frame to DIR/frames.zarr and publish it on the frame bus (endpoints in DIR/bus.json).",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    p.add_argument("--pace", help="native, max, or frames per second (replay sources)")
+    p.add_argument("--loop", action="store_true", help="restart a replay source at its end")
+    p.add_argument(
+        "--pipe", action="append", metavar="NAME", help="durable pipe (repeatable; default: stitch)"
+    )
+    p.add_argument("--no-pipes", action="store_true", help="spool only, no durable pipes")
+    p.add_argument("--no-monitor", action="store_true", help="no lossy PUB stream")
+    p.add_argument("--transport", choices=["ipc", "tcp"])
+    p.add_argument(
+        "--drain-timeout", type=float, metavar="S", help="wait for absent consumers at the end"
+    )
+    _add_frontend(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser(
+        "tap",
+        help="consume a run's pipe or monitor stream and report what arrived",
+        description="Connect to a running capture (DIR/bus.json), receive frames until the end "
+        "of the stream, and print a JSON report (frames, missing, rejected).",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    p.add_argument("--pipe", default="stitch", help="pipe name, or 'monitor' (default: stitch)")
+    p.add_argument("--timeout", type=float, default=30.0, help="give up after S seconds of silence")
+    _add_common(p)
+    p.set_defaults(func=cmd_tap)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the embedded virtual SEM and report",
+        description="Simulate a stage traversal recorded as video, run the capture process on "
+        "it in a child process and receive its keyframes over the bus, then print what happened.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-run"), metavar="DIR")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace, config: Config, log_file: Path | None = None) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else config.log_level
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    overrides: dict[str, Any] = dict(extra or {})
+    if getattr(args, "overlap", None) is not None and args.command != "simulate":
+        overrides["capture.keyframes.overlap"] = args.overlap
+    if getattr(args, "keyframes", None) is not None:
+        overrides["capture.keyframes.mode"] = args.keyframes
+    if getattr(args, "crop", None) is not None:
+        overrides["capture.crop"] = args.crop
+    return load_config(args.config, overrides)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``simulate``: write a simulated traversal."""
+    from drivers.sim import SimConfig, write_simulation
+
+    config = _config(args)
+    _setup_logging(args, config)
+    fields: dict[str, Any] = {
+        "rows": args.rows,
+        "frames_per_row": args.frames_per_row,
+        "frame_width": args.frame_size[0],
+        "frame_height": args.frame_size[1],
+        "overlap": args.overlap,
+        "serpentine": args.serpentine,
+        "noise": args.noise,
+        "video": args.video,
+        "fps": args.fps,
+        "seed": args.seed,
+        "source": args.source,
+        "databar": args.databar,
+    }
+    if args.jitter_px is not None:
+        fields["jitter_px"] = args.jitter_px
+    sim = SimConfig(**fields)
+    from .progress import Progress
+
+    bar = Progress("simulate", enabled=not args.quiet)
+    result = write_simulation(sim, args.out, progress=lambda done, total: _tick(bar, done, total))
+    bar.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _tick(bar: Any, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """``extract``: keyframes to an image folder."""
+    from .extract import run_extract
+
+    config = _config(args)
+    _setup_logging(args, config)
+    summary = run_extract(args.source, args.out, config.capture, progress=not args.quiet)
+    ov = summary.overlaps
+    report = {
+        "frames_in": summary.frames_in,
+        "kept": summary.kept,
+        "reasons": summary.reasons,
+        "overlap_min": round(min(ov), 3) if ov else None,
+        "overlap_median": round(sorted(ov)[len(ov) // 2], 3) if ov else None,
+        "overlap_max": round(max(ov), 3) if ov else None,
+        "out": str(args.out),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """``capture``: the capture process."""
+    from .capture import run_capture
+
+    extra: dict[str, Any] = {}
+    if args.no_pipes:
+        extra["bus.pipes"] = []
+    elif args.pipe:
+        extra["bus.pipes"] = args.pipe
+    if args.no_monitor:
+        extra["bus.monitor"] = False
+    if args.transport:
+        extra["bus.transport"] = args.transport
+    if args.drain_timeout is not None:
+        extra["bus.drain_timeout_s"] = args.drain_timeout
+    config = _config(args, extra)
+    _setup_logging(args, config, args.run_dir / "capture.log")
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        summary = run_capture(
+            args.source,
+            args.run_dir,
+            config,
+            pace=args.pace,
+            loop=args.loop or None,
+            stop=stop,
+            progress=not args.quiet,
+        )
+    return EXIT_INTERRUPTED if summary.stopped_by == "stop_request" and stop.is_set() else 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    """``tap``: consume a pipe and report."""
+    from .tap import tap
+
+    config = _config(args)
+    _setup_logging(args, config)
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        report = tap(args.run_dir, args.pipe, timeout_s=args.timeout, stop=stop)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ended"] and report["missing"] == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``demo``: the pipeline on the embedded default."""
+    from .demo import run_demo
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return run_demo(args.out, quiet=args.quiet)
+
+
+class _stop_on_signals:  # noqa: N801 - used as a context manager, reads like a function
+    """Set ``stop`` on SIGINT/SIGTERM while inside the block (second SIGINT aborts)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the current frame and stopping", signum)
+        self.stop.set()
+
+    def __enter__(self) -> _stop_on_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CemiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
