@@ -350,6 +350,13 @@ def test_bar_on_clipped_eutectic(data_dir: Path) -> None:
         assert det.rect == CropRect(0, 0, w, h - rows), (x, y, det)
 
 
+def test_too_tall_band_is_not_a_bar() -> None:
+    """A labelled flat band over a third of the frame is content, not a data bar."""
+    image, rows = draw_fei_bar(textured((600, 800), 120.0, seed=5), fraction=0.35)
+    assert rows > 0.25 * 600
+    assert_no_crop(image, "tall band")
+
+
 def test_synthetic_top_bar() -> None:
     image = textured((600, 800), 120.0, seed=3)
     barred, rows = draw_fei_bar(image, fraction=0.1, top=True)
@@ -523,6 +530,8 @@ def test_fault_shape_change_resets(detector: FaultDetector) -> None:
     assert detector.check(image) is None
     assert detector.check(image[:240].copy()) is None
     assert detector.check(image[:240].copy()) == "frozen"
+    # Same size at 1/4 resolution (160 x 60) but a different frame shape.
+    assert detector.check(image[:242].copy()) is None
 
 
 def test_fault_rejected_frames_update_previous(detector: FaultDetector) -> None:
