@@ -139,13 +139,17 @@ def measure_speed(repeats: int = 30) -> dict[str, dict[str, float]]:
 
 def compare(real: dict[str, float], sim: dict[str, float]) -> dict[str, float]:
     """Relative difference ``sim / real - 1`` of each statistic present in both."""
-    return {k: sim[k] / real[k] - 1.0 for k in (*KEYS, "pair_noise_contrast") if k in sim and k in real}
+    return {
+        k: sim[k] / real[k] - 1.0 for k in (*KEYS, "pair_noise_contrast") if k in sim and k in real
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=40, help="KRISS pairs per set (max 40)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_calibration.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "sim_calibration.json"
+    )
     args = parser.parse_args()
     data = Path(os.environ.get("CEMI_DATA", REPO.parent / "shared" / "data")).resolve()
     if not (data / "kriss-sem-pairs").is_dir():
@@ -157,9 +161,7 @@ def main() -> int:
     like = measure_sim_like_real(data, min(args.pairs, 12))
     procedural = measure_sim_procedural(8)
     speed = measure_speed()
-    checks = {
-        name: compare(real[target], like[name]) for name, target in TARGETS.items()
-    }
+    checks = {name: compare(real[target], like[name]) for name, target in TARGETS.items()}
     within = {
         name: all(abs(v) <= TOLERANCE for k, v in diffs.items() if k != "noise_sd")
         for name, diffs in checks.items()

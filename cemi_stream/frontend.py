@@ -110,6 +110,11 @@ class FrontEnd:
             self.stats.reasons[d.reason] += 1
             if d.kept:
                 self.stats.kept += 1
-            elif d.reason not in ("redundant",):
-                log.info("frame %d rejected: %s", d.frame.meta.src_index, d.reason)
+            elif d.reason != "redundant":
+                n = self.stats.reasons[d.reason]
+                # A paused SEM can freeze thousands of frames: log the first few, then 1 in 100.
+                if n <= 5 or n % 100 == 0:
+                    log.info(
+                        "frame %d rejected: %s (%d so far)", d.frame.meta.src_index, d.reason, n
+                    )
         return decisions

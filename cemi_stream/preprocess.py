@@ -248,9 +248,11 @@ def _near_mode(lines: np.ndarray, tol: int) -> tuple[np.ndarray, np.ndarray]:
     offsets = (np.arange(n, dtype=np.int64) * 256)[:, None]
     hist = np.bincount((lines + offsets).ravel(), minlength=n * 256).reshape(n, 256)
     if tol > 0:
-        csum = np.zeros((n, 256 + 2 * tol + 1), dtype=np.int64)
-        np.cumsum(np.pad(hist, ((0, 0), (tol, tol))), axis=1, out=csum[:, 1:])
-        hist = csum[:, 2 * tol + 1 :] - csum[:, :256]
+        # Window sums over levels v-tol..v+tol from a cumulative histogram.
+        csum = np.zeros((n, 257), dtype=np.int64)
+        np.cumsum(hist, axis=1, out=csum[:, 1:])
+        levels = np.arange(256)
+        hist = csum[:, np.minimum(levels + tol + 1, 256)] - csum[:, np.maximum(levels - tol, 0)]
     mode = hist.argmax(axis=1)
     share = hist[np.arange(n), mode] / float(length)
     return mode, share
@@ -552,12 +554,14 @@ class FaultDetector:
         self._previous_shape = (height, width)
         cfg = self._config
 
-        _, std = cv2.meanStdDev(image)
-        if float(std[0, 0]) < cfg.blank_std:
-            return self._reject("blank", f"std {float(std[0, 0]):.2f}")
+        # Saturation first: a frame that is all 255 is also flat, but "saturated"
+        # tells the operator to turn the brightness down, "blank" does not.
         saturated = np.count_nonzero(image == 255) / image.size
         if saturated > cfg.saturated_fraction:
             return self._reject("saturated", f"{saturated:.1%} of pixels at 255")
+        _, std = cv2.meanStdDev(image)
+        if float(std[0, 0]) < cfg.blank_std:
+            return self._reject("blank", f"std {float(std[0, 0]):.2f}")
         if previous is not None and same_shape:
             mad = cv2.norm(small, previous, cv2.NORM_L1) / small.size
             if mad < cfg.frozen_mad:

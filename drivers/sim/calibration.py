@@ -20,6 +20,7 @@ line to line, so its variance there is 6 sigma^2, while smooth signal cancels.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _variance_curve(
     lo, hi = np.percentile(level[mask], [2.0, 98.0])
     edges = np.linspace(lo, hi, 13)
     means, variances = [], []
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
+    for a, b in itertools.pairwise(edges):
         sel = mask & (level >= a) & (level < b)
         if int(sel.sum()) >= _MIN_BIN_PIXELS:
             means.append(float(level[sel].mean()))
@@ -146,9 +147,11 @@ def noise_stats(image: np.ndarray) -> NoiseStats:
 def register_integer(moving: np.ndarray, fixed: np.ndarray) -> tuple[int, int]:
     """Integer shift ``(dx, dy)`` with ``moving(y, x) ~ fixed(y - dy, x - dx)``."""
     window = cv2.createHanningWindow((fixed.shape[1], fixed.shape[0]), cv2.CV_32F)
+    # Copies: OpenCV 5.0 multiplies the inputs by the window in place when
+    # their size is already DFT-optimal (e.g. 384 or 256 wide).
     (dx, dy), _ = cv2.phaseCorrelate(
-        np.ascontiguousarray(fixed, dtype=np.float32),
-        np.ascontiguousarray(moving, dtype=np.float32),
+        np.array(fixed, dtype=np.float32, copy=True),
+        np.array(moving, dtype=np.float32, copy=True),
         window,
     )
     return round(dx), round(dy)

@@ -98,7 +98,7 @@ class SimConfig:
                 _fail(name, "must be an integer", value)
             if not low <= value <= high:
                 _fail(name, f"must be in {low}..{high}", value)
-        for name, low, high, low_open in (
+        for name, lo, hi, low_open in (
             ("overlap", 0.0, 0.95, False),
             ("fps", 0.0, 10_000.0, True),
             ("video_overlap", 0.0, 0.999, False),
@@ -113,10 +113,10 @@ class SimConfig:
                 _fail(name, "must be a number", value)
             if not math.isfinite(value):
                 _fail(name, "must be finite", value)
-            bad_low = value <= low if low_open else value < low
-            if bad_low or value > high:
+            bad_low = value <= lo if low_open else value < lo
+            if bad_low or value > hi:
                 bracket = "(" if low_open else "["
-                _fail(name, f"must be in {bracket}{low:g}, {high:g}]", value)
+                _fail(name, f"must be in {bracket}{lo:g}, {hi:g}]", value)
         if self.noise not in _NOISE_CHOICES:
             _fail("noise", f"must be one of {', '.join(_NOISE_CHOICES)}", self.noise)
         if self.source is not None and (not isinstance(self.source, str) or not self.source):

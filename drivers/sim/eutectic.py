@@ -89,12 +89,12 @@ def _smooth_edge(signed_distance: np.ndarray) -> np.ndarray:
 
 def _colonies(
     x0: int, y0: int, w: int, h: int, seed: int, p: EutecticParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Nearest-site labels and boundary distance of the colony Voronoi diagram.
 
-    Returns ``(label, boundary_distance, site_x, site_y, site_i, site_j)`` where
-    ``label`` indexes the candidate-site arrays (site coordinates are relative
-    to the block origin; ``site_i/j`` are the global lattice indices).
+    Returns ``(label, boundary_distance, site_i, site_j)`` where ``label``
+    indexes the candidate-site arrays and ``site_i/j`` are the sites' global
+    lattice indices.
     """
     c = p.colony_px * p.scale
     amp = p.colony_warp_px * p.scale
@@ -166,7 +166,7 @@ def _colonies(
     syf = sy.astype(np.float32)
     sep = np.hypot(sxf[l2] - sxf[l1], syf[l2] - syf[l1])
     boundary = (d2 - d1) / (2.0 * np.maximum(sep, np.float32(1e-3)))
-    return l1, boundary, sx, sy, ii, jj
+    return l1, boundary, ii, jj
 
 
 def _lamellae(
@@ -177,10 +177,10 @@ def _lamellae(
     seed: int,
     p: EutecticParams,
     label: np.ndarray,
-    site: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    ii: np.ndarray,
+    jj: np.ndarray,
 ) -> np.ndarray:
     """Grey-phase fraction (0..1) of the lamellar pattern of each colony."""
-    sx, sy, ii, jj = site
     spread = math.radians(p.orientation_spread_deg)
     preferred = float(lattice_uniform(np.array([0]), np.array([0]), seed, _S_GLOBAL)[0]) * math.pi
     theta = preferred + (lattice_uniform(ii, jj, seed, _S_THETA) * 2.0 - 1.0) * spread
@@ -287,8 +287,8 @@ def render_eutectic(
     """
     p = params or EutecticParams()
     w, h = int(width), int(height)
-    label, boundary, sx, sy, ii, jj = _colonies(x0, y0, w, h, seed, p)
-    grey_cover = _lamellae(x0, y0, w, h, seed, p, label, (sx, sy, ii, jj))
+    label, boundary, ii, jj = _colonies(x0, y0, w, h, seed, p)
+    grey_cover = _lamellae(x0, y0, w, h, seed, p, label, ii, jj)
 
     # Colony boundaries: a dark band of varying width with grey islands.
     s = p.scale

@@ -31,7 +31,7 @@ _CODECS = ("FFV1", "MJPG")
 
 
 def _fourcc(code: str) -> int:
-    return int(cv2.VideoWriter_fourcc(*code))
+    return int(cv2.VideoWriter.fourcc(*code))
 
 
 @cache

@@ -175,7 +175,7 @@ def bandwidth_kernel(pole: float) -> tuple[np.ndarray, float]:
     h /= h.sum()
     lag = float((np.arange(taps) * h).sum())
     kernel = np.zeros((1, 2 * taps - 1), dtype=np.float32)
-    kernel[0, : taps][::-1] = h
+    kernel[0, :taps][::-1] = h
     return kernel, lag
 
 
@@ -288,7 +288,7 @@ class Scanner:
             lam += sd
             # Grey conversion folded into the bandwidth filter (one pass).
             kernel = self._kernel * np.float32(p.white_grey / p.dose_e)
-            grey = cv2.filter2D(lam, -1, kernel, borderType=cv2.BORDER_REFLECT)
+            grey: np.ndarray = cv2.filter2D(lam, -1, kernel, borderType=cv2.BORDER_REFLECT)
         elif lead:
             grey = cv2.filter2D(self.mean_grey(signal), -1, self._kernel)
         else:

@@ -149,7 +149,7 @@ class ImageSpecimen:
     def patch(self, ix: int, iy: int, width: int, height: int) -> np.ndarray:
         """Integer-aligned block ``(y, x)`` of the mirror-tiled plane (float32)."""
         h, w = self.image.shape
-        if 0 <= ix and ix + width <= w and 0 <= iy and iy + height <= h:
+        if ix >= 0 and ix + width <= w and iy >= 0 and iy + height <= h:
             return self.image[iy : iy + height, ix : ix + width]
         rows = self._mirror(iy, height, h)
         cols = self._mirror(ix, width, w)

@@ -213,7 +213,7 @@ def plan_traversal(config: SimConfig) -> Traversal:
 
     if config.video:
         advance = (1.0 - config.video_overlap) * w
-        n_row = int(math.floor(span / advance + 1e-9)) + 1
+        n_row = math.floor(span / advance + 1e-9) + 1
         k = np.arange(n_row, dtype=np.float64)
         row_list: list[np.ndarray] = []
         cmd_x: list[np.ndarray] = []

@@ -231,9 +231,7 @@ def test_endpoints_file_and_long_paths(tmp_path: Path) -> None:
 
 def test_bind_failure_is_reported(tmp_path: Path, ctx: Any) -> None:
     frames = FrameLog(memory_frames=8)
-    sender = PipeSender(
-        "x", "ipc:///nonexistent-dir/x/y.sock", frames, "r", BusConfig(), ctx
-    )
+    sender = PipeSender("x", "ipc:///nonexistent-dir/x/y.sock", frames, "r", BusConfig(), ctx)
     sender.start()
     with pytest.raises(BusError, match="cannot bind"):
         sender.wait_bound()

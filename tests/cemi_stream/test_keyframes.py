@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,7 @@ def test_kept_frames_overlap_inside_30_to_60_percent(video_run: tuple[list, SimS
     decisions, source = video_run
     kept = [d for d in decisions if d.kept]
     overlaps = []
-    for prev, cur in zip(kept, kept[1:], strict=False):
+    for prev, cur in itertools.pairwise(kept):
         a = source.truth_for(prev.frame.meta.src_index)
         b = source.truth_for(cur.frame.meta.src_index)
         if a.row != b.row:
@@ -86,7 +88,7 @@ def test_other_target_overlap() -> None:
     kept = [source.truth_for(d.frame.meta.src_index) for d in decisions if d.kept]
     trues = [
         overlap_fraction(b.x_px - a.x_px, b.y_px - a.y_px, W, H)
-        for a, b in zip(kept, kept[1:], strict=False)
+        for a, b in itertools.pairwise(kept)
     ]
     assert all(0.28 <= t <= 0.42 for t in trues[:-1]), trues  # the last one closes the row
 
@@ -130,7 +132,9 @@ def test_no_overlap_is_unreliable() -> None:
     big = _textured()
     rng = np.random.default_rng(1)
     pc = PhaseCorrelator()
-    est = pc.estimate(pc.prepare(_crop(big, 0, 0, 5, rng)), pc.prepare(_crop(big, 1500, 600, 5, rng)))
+    est = pc.estimate(
+        pc.prepare(_crop(big, 0, 0, 5, rng)), pc.prepare(_crop(big, 1500, 600, 5, rng))
+    )
     assert not est.reliable
 
 

@@ -30,7 +30,10 @@ def _frames(n: int, shape: tuple[int, int] = (24, 32)) -> list[Frame]:
 def test_round_trip(tmp_path: Path, compression: str) -> None:
     frames = _frames(300)  # crosses the 256-frame growth block
     spool = FrameSpool.create(
-        tmp_path, (24, 32), SpoolConfig(compression=compression), {"run_id": "x"}  # type: ignore[arg-type]
+        tmp_path,
+        (24, 32),
+        SpoolConfig(compression=compression),
+        {"run_id": "x"},  # type: ignore[arg-type]
     )
     for i, f in enumerate(frames):
         assert spool.append(f) == i
@@ -89,7 +92,8 @@ def test_kill_9_keeps_every_committed_frame(tmp_path: Path) -> None:
         from cemi_stream.config import SpoolConfig
         from cemi_stream.frame import Frame, FrameMeta
         from cemi_stream.spool import FrameSpool
-        spool = FrameSpool.create(Path({str(tmp_path)!r}), (24, 32), SpoolConfig(fsync_interval_s=60))
+        config = SpoolConfig(fsync_interval_s=60)
+        spool = FrameSpool.create(Path({str(tmp_path)!r}), (24, 32), config)
         for i in range(40):
             spool.append(Frame(np.full((24, 32), i, np.uint8), FrameMeta(i, i)))
         os.kill(os.getpid(), signal.SIGKILL)

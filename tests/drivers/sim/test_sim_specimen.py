@@ -52,7 +52,8 @@ def test_value_noise_is_continuous_across_blocks() -> None:
         [value_noise(-50, -20, 33, 40, 7.5, 9, 1), value_noise(-17, -20, 87, 40, 7.5, 9, 1)]
     )
     np.testing.assert_allclose(whole, parts, atol=1e-5)
-    assert 0.0 <= whole.min() and whole.max() <= 1.0
+    assert whole.min() >= 0.0
+    assert whole.max() <= 1.0
     # Smooth: neighbouring pixels differ by much less than the value range.
     assert np.abs(np.diff(whole, axis=1)).max() < 0.35
 
@@ -67,7 +68,8 @@ def test_subpixel_region_interpolates() -> None:
 
 def test_values_range_and_several_phases() -> None:
     field = ProceduralSpecimen(seed=5).region(20000.0, 3000.0, 512, 384)
-    assert 0.0 <= field.min() and field.max() <= 1.0
+    assert field.min() >= 0.0
+    assert field.max() <= 1.0
     dark = (field < 0.25).mean()
     grey = ((field >= 0.25) & (field < 0.7)).mean()
     bright = (field >= 0.7).mean()
@@ -83,7 +85,11 @@ def test_lamellar_period_in_range() -> None:
     for seed in (0, 1, 2):
         field = render_eutectic(4000, 4000, 128, 128, seed)
         spectrum = np.abs(np.fft.fftshift(np.fft.fft2(field - field.mean())))
-        fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(128)), np.fft.fftshift(np.fft.fftfreq(128)), indexing="ij")
+        fy, fx = np.meshgrid(
+            np.fft.fftshift(np.fft.fftfreq(128)),
+            np.fft.fftshift(np.fft.fftfreq(128)),
+            indexing="ij",
+        )
         radius = np.hypot(fx, fy)
         spectrum[radius < 1 / 40] = 0
         peak = np.unravel_index(np.argmax(spectrum), spectrum.shape)
@@ -99,7 +105,8 @@ def test_memory_stays_bounded_far_apart() -> None:
     assert spec.tiles_rendered > 12
     # A position as far as the paper's mosaic still has texture.
     far = spec.region(123_000.3, 7_800.6, 100, 70)
-    assert np.isfinite(far).all() and far.std() > 0.1
+    assert np.isfinite(far).all()
+    assert far.std() > 0.1
 
 
 def _gradient_image() -> np.ndarray:
@@ -128,7 +135,9 @@ def test_image_specimen_scale_and_colour() -> None:
     assert spec.size == (80, 60)
     shrunk = ImageSpecimen(image.astype(np.uint16) * 257, scale=0.5)
     assert shrunk.size == (20, 15)
-    np.testing.assert_allclose(shrunk.region(0.0, 0.0, 20, 15).mean(), image.mean() / 255, atol=0.02)
+    np.testing.assert_allclose(
+        shrunk.region(0.0, 0.0, 20, 15).mean(), image.mean() / 255, atol=0.02
+    )
 
 
 def test_load_specimen_from_file(tmp_path: Path) -> None:
@@ -141,11 +150,11 @@ def test_load_specimen_from_file(tmp_path: Path) -> None:
 
 def test_load_specimen_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nothere.png"
-    with pytest.raises(SourceError, match="nothere.png.*not found"):
+    with pytest.raises(SourceError, match=r"nothere\.png.*not found"):
         load_specimen(str(missing))
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"this is not an image")
-    with pytest.raises(SourceError, match="garbage.png.*cannot decode"):
+    with pytest.raises(SourceError, match=r"garbage\.png.*cannot decode"):
         load_specimen(str(garbage))
     with pytest.raises(SourceError, match="not a file"):
         load_specimen(str(tmp_path))
@@ -159,7 +168,8 @@ def test_real_eutectic_specimen(data_dir: Path) -> None:
     assert spec.size == (1024, 885)
     inside = spec.region(100.0, 100.0, 256, 192)
     # The micrograph is three-phase with a third of it clipped to black.
-    assert (inside < 0.05).mean() > 0.1 and (inside > 0.6).mean() > 0.05
+    assert (inside < 0.05).mean() > 0.1
+    assert (inside > 0.6).mean() > 0.05
     # Traversals far beyond the image stay on (mirrored) texture.
     far = spec.region(5000.5, 3000.25, 256, 192)
     assert far.std() > 0.15

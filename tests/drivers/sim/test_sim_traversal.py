@@ -45,8 +45,10 @@ def test_positions_never_negative() -> None:
         dataclasses.replace(SMALL, video=True, serpentine=True, drift_px_per_frame=2.0),
     ):
         plan = plan_traversal(config)
-        assert plan.x.min() >= 0 and plan.y.min() >= 0
-        assert plan.stage_x.min() >= 0 and plan.stage_y.min() >= 0
+        assert plan.x.min() >= 0
+        assert plan.y.min() >= 0
+        assert plan.stage_x.min() >= 0
+        assert plan.stage_y.min() >= 0
 
 
 def test_raster_and_serpentine_order() -> None:
@@ -127,7 +129,8 @@ def test_deterministic_by_seed() -> None:
     assert np.abs(a.x - c.x).max() > 0.5
     step = a[4]
     assert (step.index, step.row) == (4, 0)
-    assert step.x_px == a.x[4] and step.stage_y_px == a.stage_y[4]
+    assert step.x_px == a.x[4]
+    assert step.stage_y_px == a.stage_y[4]
     assert len(list(a)) == len(a)
     with pytest.raises(IndexError):
         a[len(a)]
