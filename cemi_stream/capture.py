@@ -128,8 +128,15 @@ def run_capture(
     spool: FrameSpool | None = None
     frames = FrameLog(config.spool.memory_frames, reader=_SpoolFallback(run_dir))
     started = time.monotonic()
+    log_handler: logging.Handler | None = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # The run directory only comes into being once the source has opened.
+        log_handler = logging.FileHandler(run_dir / "capture.log", encoding="utf-8")
+        log_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.getLogger().addHandler(log_handler)
         info = source.info
         front = FrontEnd(config.capture, video_like=info.video_like)
         endpoints = make_endpoints(config.bus, run_dir)
@@ -217,12 +224,15 @@ def run_capture(
             }
             if run_dir.is_dir():
                 _write_summary(run_dir, summary, config)
+            log.info(
+                "capture %s finished: %d frames in, %d kept, %.1f s (%s)",
+                run_id, summary.frames_in, summary.kept, summary.seconds,
+                ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())),
+            )  # fmt: skip
+            if log_handler is not None:
+                logging.getLogger().removeHandler(log_handler)
+                log_handler.close()
     _raise_sender_error(senders)
-    log.info(
-        "capture %s finished: %d frames in, %d kept, %.1f s (%s)",
-        run_id, summary.frames_in, summary.kept, summary.seconds,
-        ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())),
-    )  # fmt: skip
     return summary
 
 

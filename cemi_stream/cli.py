@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(args: argparse.Namespace, config: Config, log_file: Path | None = None) -> None:
+def _setup_logging(args: argparse.Namespace, config: Config) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else config.log_level
     root = logging.getLogger()
     root.handlers.clear()
@@ -181,11 +181,6 @@ def _setup_logging(args: argparse.Namespace, config: Config, log_file: Path | No
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     root.addHandler(stream)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
 
 
 def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
@@ -273,7 +268,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if args.drain_timeout is not None:
         extra["bus.drain_timeout_s"] = args.drain_timeout
     config = _config(args, extra)
-    _setup_logging(args, config, args.run_dir / "capture.log")
+    _setup_logging(args, config)
     stop = threading.Event()
     with _stop_on_signals(stop):
         summary = run_capture(

@@ -298,6 +298,10 @@ def _validate(config: Config) -> None:
     for name in bus.pipes:
         if not name.isidentifier():
             raise ConfigError(f"bus.pipes: {name!r} is not a valid pipe name")
+    # Imported here: preprocess depends on this module for FaultConfig.
+    from .preprocess import parse_crop
+
+    parse_crop(config.capture.crop)
     if config.spool.memory_frames < 1:
         raise ConfigError("spool.memory_frames: must be at least 1")
     if config.spool.fsync_interval_s < 0:

@@ -76,14 +76,14 @@ class SimSource:
 
     @property
     def info(self) -> SourceInfo:
-        """Static properties; the frame count is known once opened."""
+        """Static properties (the traversal is planned on first use, so all are known)."""
         c = self.config
         return SourceInfo(
             kind="sim",
             frame_size=(c.frame_width, c.frame_height),
             fps=c.fps if c.video else None,
             pixel_size_nm=c.pixel_size_nm,
-            frame_count=len(self._traversal) if self._traversal is not None else None,
+            frame_count=len(self.traversal),
             live=False,
             video_like=c.video,
         )
