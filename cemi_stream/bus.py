@@ -324,8 +324,12 @@ class PipeSender(threading.Thread):
         cursor = 0
         last_sent = time.monotonic()
         hb_period = self.config.heartbeat_s
+        next_events = 0.0
         while not self._abort.is_set():
-            self._poll_events()
+            now = time.monotonic()
+            if now >= next_events:  # peer bookkeeping is not worth a syscall per frame
+                self._poll_events()
+                next_events = now + 0.05
             if self.frames.wait(cursor, timeout_s=min(hb_period, 0.2)):
                 if not self.durable and self.frames.count - cursor > self.config.hwm:
                     newest = self.frames.count - 1
@@ -333,9 +337,13 @@ class PipeSender(threading.Thread):
                     cursor = newest
                 parts = encode_frame(self.run_id, cursor, self.frames.get(cursor))
                 if self.durable:
-                    if not self._wait_writable(sock):
-                        break
-                    sock.send_multipart(parts, copy=False)
+                    # Try first; waiting (a poll syscall) is only needed when the pipe is full.
+                    try:
+                        sock.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        if not self._wait_writable(sock):
+                            break
+                        sock.send_multipart(parts, copy=False)
                     self.stats.sent += 1
                 else:
                     try:
@@ -477,10 +485,13 @@ class FrameReceiver:
         """
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
-            wait = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1000), 0)
-            if not self.socket.poll(wait, zmq.POLLIN):
-                return None
-            parts = self.socket.recv_multipart(copy=False)
+            try:
+                parts = self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                wait = -1 if deadline is None else max(int((deadline - time.monotonic()) * 1000), 0)
+                if not self.socket.poll(wait, zmq.POLLIN):
+                    return None
+                parts = self.socket.recv_multipart(copy=False)
             try:
                 message = decode(parts, self.max_frame_bytes)
             except ProtocolError as exc:

@@ -34,6 +34,7 @@ LAST = "last"
 KEEP_ALL = "keep_all"
 REDUNDANT = "redundant"
 
+OVERLAP_BAND = (0.30, 0.60)  # the paper's stitchable overlap range
 _PEAKS = 3  # correlation peaks checked by NCC (periodic lamellae make false peaks)
 _MIN_OVERLAP = 0.08  # candidates overlapping less than this are not trusted
 
@@ -93,6 +94,17 @@ class _Pending:
     low: _LowRes
     est: Estimate
     overlap: float
+
+
+def _prefer_first(first: float, second: float, target: float) -> bool:
+    """Whether overlap ``first`` (above the target) beats ``second`` (below it)."""
+    lo, hi = OVERLAP_BAND
+    pick_first = abs(first - target) <= abs(second - target)
+    if lo <= target <= hi:
+        chosen, other = (first, second) if pick_first else (second, first)
+        if not lo <= chosen <= hi and lo <= other <= hi:
+            pick_first = not pick_first
+    return pick_first
 
 
 def format_decision(d: Decision) -> str:
@@ -315,28 +327,34 @@ class KeyframeSelector:
         self._place(cur, est, out)
 
     def _place(self, cur: _LowRes, est: Estimate, out: list[Decision]) -> None:
-        """Keep, hold or drop ``cur`` given its reliable displacement from the key."""
+        """Keep, hold or drop ``cur`` given its reliable displacement from the key.
+
+        Once the overlap drops below the target, the keyframe is whichever of
+        the held frame (last one above the target) and ``cur`` (first one
+        below) is closer to it, so the chosen overlaps straddle the target by
+        at most half a video step.  When the target lies inside the paper's
+        30-60 % band, a choice outside the band is swapped for the other
+        candidate if that one is inside.
+        """
         w, h = cur.frame.shape[1], cur.frame.shape[0]
-        target = self.config.overlap
         overlap = overlap_fraction(est.dx, est.dy, w, h)
-        if overlap > target:
+        target = self.config.overlap
+        if overlap >= target:
             self._resolve_pending(out, keep=False, reason=REDUNDANT)
             self._pending = _Pending(cur, est, overlap)
             return
         pending = self._pending
-        if pending is not None and abs(pending.overlap - target) < abs(overlap - target):
-            self._resolve_pending(out, keep=True, reason=OVERLAP)
-            step = self._velocity
-            est2 = self.correlator.estimate(pending.low, cur, step)
-            if est2.reliable:
-                self._after_new_key(cur, est2, out)
-                return
-            est = Estimate(est.dx - pending.est.dx, est.dy - pending.est.dy, est.score, True)
-            self._after_new_key(cur, est, out)
+        if pending is None or not _prefer_first(pending.overlap, overlap, target):
+            self._resolve_pending(out, keep=False, reason=REDUNDANT)
+            out.append(self._decide(cur, est, True, OVERLAP))
+            self._set_key(cur)
             return
-        self._resolve_pending(out, keep=False, reason=REDUNDANT)
-        out.append(self._decide(cur, est, True, OVERLAP))
-        self._set_key(cur)
+        self._resolve_pending(out, keep=True, reason=OVERLAP)
+        est2 = self.correlator.estimate(pending.low, cur, self._velocity)
+        if not est2.reliable:
+            # Fall back on the difference of the two estimates against the old key.
+            est2 = Estimate(est.dx - pending.est.dx, est.dy - pending.est.dy, est.score, True)
+        self._after_new_key(cur, est2, out)
 
     def _after_new_key(self, cur: _LowRes, est: Estimate, out: list[Decision]) -> None:
         """Place ``cur`` against a keyframe that was just promoted from pending."""

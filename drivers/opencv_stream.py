@@ -154,7 +154,9 @@ class CaptureSource:
         self._kind = kind
         self._live = live
         self._cap: cv2.VideoCapture | None = None
-        self._pending: np.ndarray | None = None
+        # The frame decoded by open() and its wall-clock time: on a live
+        # source it was captured then, not when read() hands it out.
+        self._pending: tuple[np.ndarray, int] | None = None
         self._index = 0
         self._info = SourceInfo(kind=kind, live=live, video_like=True)
 
@@ -184,7 +186,8 @@ class CaptureSource:
                 raise self._cannot_open("the backend could not open it")
             try:
                 self._configure(cap)
-                first = self._grab(cap)
+                first = self._decode_next(cap)
+                first_time_ns = utc_now_ns()
             except BaseException:
                 cap.release()
                 raise
@@ -192,7 +195,7 @@ class CaptureSource:
             cap.release()
             raise self._cannot_open("no frame could be decoded")
         self._cap = cap
-        self._pending = first
+        self._pending = (first, first_time_ns)
         self._index = 0
         height, width = first.shape[:2]
         fps = float(cap.get(cv2.CAP_PROP_FPS))
@@ -225,16 +228,15 @@ class CaptureSource:
         if self._cap is None:
             raise SourceError(f"{self.name}: read() before open()")
         if self._pending is not None:
-            image, self._pending = self._pending, None
+            (image, time_ns), self._pending = self._pending, None
         else:
-            grabbed = self._grab(self._cap)
-            if grabbed is None:
+            decoded = self._decode_next(self._cap)
+            if decoded is None:
                 return self._read_failed()
-            image = grabbed
-        now = utc_now_ns()
+            image, time_ns = decoded, utc_now_ns()
         frame = Frame(
             to_gray8(image, name=self.name),
-            FrameMeta(src_index=self._index, capture_time_ns=now),
+            FrameMeta(src_index=self._index, capture_time_ns=time_ns),
         )
         self._index += 1
         return frame
@@ -246,7 +248,7 @@ class CaptureSource:
             self._cap = None
         self._pending = None
 
-    def _grab(self, cap: cv2.VideoCapture) -> np.ndarray | None:
+    def _decode_next(self, cap: cv2.VideoCapture) -> np.ndarray | None:
         try:
             ok, image = cap.read()
         except cv2.error as exc:

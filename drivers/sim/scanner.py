@@ -82,8 +82,10 @@ class ScanPreset:
 
 
 PRESETS: dict[str, ScanPreset] = {
-    # Fast scan (100 ns dwell): ~20 electrons at full signal, strong bandwidth
-    # smear; calibrated on kriss-sem-pairs time/low and line/noisy.
+    # Fast scan (100 ns dwell): 25 electrons at full signal, pure shot noise
+    # (real variance is proportional to grey level with no offset) and a
+    # detector bandwidth giving the measured lag-1 noise correlation of 0.48.
+    # Calibrated on kriss-sem-pairs time/low (bench/calibrate_sim.py).
     "ld": ScanPreset(
         name="ld",
         blur_sigma_px=0.8,
@@ -95,8 +97,10 @@ PRESETS: dict[str, ScanPreset] = {
         bandwidth_pole=0.50,
         dwell="100 ns",
     ),
-    # Slow scan (30 us dwell, 300x the dose): shot noise comparable to the
-    # detector's own noise; calibrated on kriss-sem-pairs time/high.
+    # Slow scan (30 us dwell; 380x the LD dose, close to the 300x dwell
+    # ratio): shot noise now comparable to the detector's own noise (variance
+    # grows only as grey**0.5), and a weaker bandwidth correlation (0.19).
+    # Calibrated on kriss-sem-pairs time/high.
     "hd": ScanPreset(
         name="hd",
         blur_sigma_px=0.8,
@@ -108,6 +112,7 @@ PRESETS: dict[str, ScanPreset] = {
         bandwidth_pole=0.19,
         dwell="30 us",
     ),
+    # Noise-free: beam blur only (ground-truth and registration tests).
     "none": ScanPreset(
         name="none",
         blur_sigma_px=0.8,

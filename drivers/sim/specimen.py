@@ -150,7 +150,8 @@ class ImageSpecimen:
         """Integer-aligned block ``(y, x)`` of the mirror-tiled plane (float32)."""
         h, w = self.image.shape
         if ix >= 0 and ix + width <= w and iy >= 0 and iy + height <= h:
-            return self.image[iy : iy + height, ix : ix + width]
+            # A copy: callers may write into what they get.
+            return self.image[iy : iy + height, ix : ix + width].copy()
         rows = self._mirror(iy, height, h)
         cols = self._mirror(ix, width, w)
         out: np.ndarray = self.image[rows[:, None], cols[None, :]]

@@ -55,13 +55,17 @@ def test_kept_frames_overlap_inside_30_to_60_percent(video_run: tuple[list, SimS
             assert cur.reason == "new_segment"  # the row return is detected
             continue
         true = overlap_fraction(b.x_px - a.x_px, b.y_px - a.y_px, W, H)
-        overlaps.append(true)
-        assert 0.30 <= true <= 0.60, (cur.frame.meta.src_index, true)
+        if cur.reason != "overlap":
+            # Extra frames that cover a row's end overlap more, never less.
+            assert cur.reason in ("row_end", "last") and true >= 0.5, (cur.reason, true)
+        else:
+            overlaps.append(true)
+            assert 0.30 <= true <= 0.60, (cur.frame.meta.src_index, true)
         # The estimated displacement is the true one to within a few pixels.
         assert cur.dx_px == pytest.approx(b.x_px - a.x_px, abs=3)
         assert cur.dy_px == pytest.approx(b.y_px - a.y_px, abs=3)
-    assert len(overlaps) >= 8
-    assert abs(float(np.median(overlaps)) - 0.5) < 0.05
+    assert len(overlaps) >= 6
+    assert abs(float(np.median(overlaps)) - 0.5) < 0.03
 
 
 def test_each_row_is_covered_to_its_end(video_run: tuple[list, SimSource]) -> None:
@@ -90,7 +94,8 @@ def test_other_target_overlap() -> None:
         overlap_fraction(b.x_px - a.x_px, b.y_px - a.y_px, W, H)
         for a, b in itertools.pairwise(kept)
     ]
-    assert all(0.28 <= t <= 0.42 for t in trues[:-1]), trues  # the last one closes the row
+    # Within half a video step (2.5 %) of the target; the last one closes the row.
+    assert all(0.32 <= t <= 0.38 for t in trues[:-1]), trues
 
 
 def test_keep_all_mode_keeps_every_frame_with_displacements() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: each script writes JSON to bench/results/ (see README)."""
