@@ -32,8 +32,11 @@ class FrameMeta:
     pixel_size_nm : float or None
         Physical size of one pixel in nanometres, when the source knows it.
     stage_x_um, stage_y_um : float or None
-        Stage position of the frame's top-left corner in micrometres, when the
-        source reports one (commanded position; it may be off by jitter).
+        Stage position in micrometres when the source reports one, in the
+        source's own convention (FEI/Thermo TIFFs give the field centre with
+        y pointing up; the simulator gives the commanded top-left corner).
+        It may be off by stage jitter; only differences between frames of
+        one source are meaningful.
     row : int or None
         Traversal row the frame belongs to, when the source knows it.
     """

@@ -6,6 +6,9 @@ grammar).  Importing this package registers the built-in drivers; the virtual
 SEM (``sim``) is one of them, on an equal footing with real devices.
 """
 
+# isort: skip_file
+# (the import order below is meaningful; see the comment)
+
 from __future__ import annotations
 
 # Import order is the order in which drivers claim scheme-less URIs: the

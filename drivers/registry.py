@@ -1,6 +1,8 @@
 """Choosing a frame source from a URI-like string.
 
-Grammar: ``[scheme:]target[?key=value&key=value]``.
+Grammar: ``[scheme:]target[?key=value&key=value]``; network URLs keep their
+own query string and take options after ``#`` instead
+(``http://cam/video.mjpg?res=hd#timeout_ms=2000``).
 
 * ``sim:`` / ``sim:?rows=3&noise=ld`` - the virtual SEM;
 * ``device:0``, ``/dev/video0``, a bare integer - a capture device;
@@ -110,7 +112,12 @@ def parse_uri(uri: str) -> tuple[SourceUri, str | None, bool]:
     if not text:
         raise SourceError("source: empty source string")
     query = ""
-    if "?" in text:
+    head = text.split(":", 1)[0].lower()
+    if head in _NETWORK_SCHEMES:
+        # A URL keeps its own query string; our options follow a '#'.
+        if "#" in text:
+            text, query = text.split("#", 1)
+    elif "?" in text:
         text, query = text.split("?", 1)
     options = dict(parse_qsl(query, keep_blank_values=True))
     pace = options.pop("pace", None)

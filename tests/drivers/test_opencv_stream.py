@@ -74,7 +74,7 @@ def test_unknown_and_bad_options() -> None:
     with pytest.raises(SourceError, match="option fourcc"):
         open_source("device:0?fourcc=MJPEG")
     with pytest.raises(SourceError, match=r"unknown option\(s\) fps"):
-        open_source("rtsp://127.0.0.1:1/x?fps=3")
+        open_source("rtsp://127.0.0.1:1/x#fps=3")
 
 
 def test_device_options_are_applied_fourcc_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,13 +128,13 @@ def test_stream_that_ends_returns_none(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unreachable_rtsp_fails_fast() -> None:
     start = time.monotonic()
     with pytest.raises(SourceError, match=r"rtsp://127\.0\.0\.1:1/x: cannot be opened") as err:
-        open_source("rtsp://127.0.0.1:1/x?timeout_ms=2000")
+        open_source("rtsp://127.0.0.1:1/x#timeout_ms=2000")
     assert time.monotonic() - start < 5.0
     assert "\n" not in str(err.value)
 
 
 def test_stream_password_is_not_shown() -> None:
-    source = StreamSource(parse_uri("rtsp://admin:secret@127.0.0.1:1/x?timeout_ms=1000")[0])
+    source = StreamSource(parse_uri("rtsp://admin:secret@127.0.0.1:1/x#timeout_ms=1000")[0])
     with pytest.raises(SourceError) as err:
         source.open()
     assert "secret" not in str(err.value)
@@ -143,7 +143,7 @@ def test_stream_password_is_not_shown() -> None:
 
 def test_bad_timeout_option() -> None:
     with pytest.raises(SourceError, match="bad value '-5' for option timeout_ms"):
-        open_source("http://127.0.0.1:1/x?timeout_ms=-5")
+        open_source("http://127.0.0.1:1/x#timeout_ms=-5")
 
 
 @pytest.mark.skipif(has_gstreamer(), reason="this OpenCV build has GStreamer")

@@ -43,7 +43,7 @@ def test_windows_drive_is_not_a_scheme() -> None:
 
 
 def test_rtsp_keeps_the_full_url() -> None:
-    uri, pace, _ = parse_uri("rtsp://user:pw@10.0.0.5:554/stream1?timeout_ms=2000&pace=native")
+    uri, pace, _ = parse_uri("rtsp://user:pw@10.0.0.5:554/stream1#timeout_ms=2000&pace=native")
     assert uri.scheme == "rtsp"
     assert uri.target == "rtsp://user:pw@10.0.0.5:554/stream1"
     assert uri.options == {"timeout_ms": "2000"}
@@ -118,3 +118,10 @@ def test_unknown_option_is_named(media: Path, scheme: str) -> None:
     target = {"folder": media, "tiff": media / "stack.TIF", "video": media / "clip.avi"}[scheme]
     with pytest.raises(SourceError, match=r"unknown option\(s\) bogus"):
         drivers.open_source(f"{scheme}:{target}?bogus=1")
+
+
+def test_network_url_keeps_its_own_query() -> None:
+    uri, pace, loop = parse_uri("http://cam/video.mjpg?res=hd&x=1#timeout_ms=2000&pace=max")
+    assert uri.target == "http://cam/video.mjpg?res=hd&x=1"
+    assert uri.options == {"timeout_ms": "2000"}
+    assert pace == "max" and loop is False
