@@ -149,6 +149,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser(
+        "stitch",
+        help="run the stitch process on a capture's run directory (resumes from its journal)",
+        description="Consume the frames of the capture in DIR (bus pipe, or the spool once the "
+        "capture has finished), place and blend each one, and write DIR/mosaic.ome.zarr, "
+        "DIR/positions.csv, DIR/stitch.json and DIR/preview.png.  Restarted on the same DIR, "
+        "it resumes from DIR/positions.csv and gives the same mosaic.",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    p.add_argument(
+        "--pixel-size-um", type=float, metavar="X", help="pixel size (default: from the frames)"
+    )
+    p.add_argument("--layout", choices=["auto", "raster", "serpentine"], help="traversal hint")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
+    _add_common(p)
+    p.set_defaults(func=cmd_stitch)
+
+    p = sub.add_parser(
+        "replay",
+        help="capture and stitch a recorded source (image folder, video, TIFF stack) at full speed",
+        description="Run the capture and stitch processes over SOURCE and finalise RUN_DIR: "
+        "mosaic.ome.zarr/, positions.csv (seq,src_index,x_px,y_px,score,status), run.json and "
+        "preview.png.  SOURCE may be a folder of videos, one per row.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
+    p.add_argument("--denoise", default="off", help="denoiser backend (only 'off' so far)")
+    p.add_argument(
+        "--keyframes", choices=["on", "off"], help="default: on for videos, off for images"
+    )
+    p.add_argument("--pixel-size-um", type=float, metavar="X")
+    p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
+    _add_common(p)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
         "tap",
         help="consume a run's pipe or monitor stream and report what arrived",
         description="Connect to a running capture (DIR/bus.json), receive frames until the end "
@@ -281,6 +316,50 @@ def cmd_capture(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     return EXIT_INTERRUPTED if summary.stopped_by == "stop_request" and stop.is_set() else 0
+
+
+def cmd_stitch(args: argparse.Namespace) -> int:
+    """``stitch``: the stitch process."""
+    from .stitch.stage import run_stitch
+
+    extra: dict[str, Any] = {}
+    if args.pixel_size_um is not None:
+        extra["stitch.pixel_size_um"] = args.pixel_size_um
+    if args.layout:
+        extra["stitch.layout"] = args.layout
+    config = _config(args, extra)
+    _setup_logging(args, config)
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        run_stitch(args.run_dir, config, stop=stop, progress=not args.quiet, wait_s=args.wait)
+    return EXIT_INTERRUPTED if stop.is_set() else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``replay``: capture + stitch of a recorded source."""
+    from .replay import run_replay
+
+    if args.denoise != "off":
+        raise CemiError(
+            f"--denoise {args.denoise}: the denoise stage is not available yet; use off"
+        )
+    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
+        raise CemiError(f"--pixel-size-um {args.pixel_size_um}: must be positive")
+    config = _config(args)
+    _setup_logging(args, config)
+    summary = run_replay(
+        args.source,
+        args.out,
+        keyframes=args.keyframes,
+        pixel_size_um=args.pixel_size_um,
+        layout=args.layout,
+        config_file=args.config,
+        progress=not args.quiet,
+    )
+    print(
+        json.dumps({k: summary[k] for k in ("counts", "timings", "mosaic", "residuals")}, indent=2)
+    )
+    return 0
 
 
 def cmd_tap(args: argparse.Namespace) -> int:

@@ -160,12 +160,42 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StitchConfig:
+    """The live stitcher.
+
+    Attributes
+    ----------
+    layout : {"auto", "raster", "serpentine"}
+        Traversal hint; ``auto`` recognises it from the images.
+    min_score : float
+        NCC below which a registration is rejected (the frame is then placed
+        by the motion model, status ``predicted``).
+    chunk_px : int
+        Side of the square storage chunks of the mosaic, pixels.
+    pixel_size_um : float or None
+        Pixel size in micrometres; None takes it from the frames' metadata.
+    journal_fsync : bool
+        fsync the journal after every frame (the commit record).
+    preview_max_side : int
+        Longest side of ``preview.png`` in pixels.
+    """
+
+    layout: Literal["auto", "raster", "serpentine"] = "auto"
+    min_score: float = 0.3
+    chunk_px: int = 1024
+    pixel_size_um: float | None = None
+    journal_fsync: bool = True
+    preview_max_side: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon configuration."""
 
     bus: BusConfig = field(default_factory=BusConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -306,5 +336,12 @@ def _validate(config: Config) -> None:
     parse_crop(config.capture.crop)
     if config.spool.memory_frames < 1:
         raise ConfigError("spool.memory_frames: must be at least 1")
+    st = config.stitch
+    if not 0.0 < st.min_score < 1.0:
+        raise ConfigError(f"stitch.min_score: {st.min_score} is outside 0..1")
+    if st.chunk_px < 64 or st.chunk_px % 64:
+        raise ConfigError(f"stitch.chunk_px: {st.chunk_px} must be a multiple of 64")
+    if st.pixel_size_um is not None and not st.pixel_size_um > 0:
+        raise ConfigError(f"stitch.pixel_size_um: {st.pixel_size_um} must be positive")
     if config.spool.fsync_interval_s < 0:
         raise ConfigError("spool.fsync_interval_s: must not be negative")

@@ -1,0 +1,1 @@
+"""The live stitcher: registration, position tracking, global solve and the mosaic."""

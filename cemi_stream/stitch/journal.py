@@ -1,0 +1,150 @@
+"""The stitcher's commit record: ``positions.csv`` plus ``stitch.journal``.
+
+For every frame the stitcher appends one line to ``stitch.journal`` (JSON:
+row, provisional position, score, status and the constraints measured) and
+one line to ``positions.csv`` (the contract columns
+``seq,src_index,x_px,y_px,score,status``), then fsyncs both.  A frame is
+committed when its ``positions.csv`` line is complete; a restarted stitcher
+replays the journal up to the last committed frame instead of registering
+those frames again, so the resumed run computes exactly what an
+uninterrupted one would.  At finalisation ``positions.csv`` is replaced
+(atomically) by the refined positions in level-0 mosaic pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import CemiError
+from .solve import Constraint
+from .tracker import Placement
+
+POSITIONS = "positions.csv"
+JOURNAL = "stitch.journal"
+POSITIONS_HEADER = "seq,src_index,x_px,y_px,score,status"
+
+
+class JournalError(CemiError):
+    """The stitch journal cannot be written or read."""
+
+
+def format_position(
+    seq: int | None, src: int, x: float | None, y: float | None, score: float, status: str
+) -> str:
+    """One ``positions.csv`` line (with newline)."""
+    xs = "" if x is None else f"{x:.3f}"
+    ys = "" if y is None else f"{y:.3f}"
+    seqs = "" if seq is None else str(seq)
+    return f"{seqs},{src},{xs},{ys},{score:.4f},{status}\n"
+
+
+class Journal:
+    """Appends placements durably (see the module docstring).
+
+    Parameters
+    ----------
+    run_dir : Path
+        Run directory.
+    fsync : bool
+        fsync both files after every frame (the default; a test may turn it
+        off for speed).
+    """
+
+    def __init__(self, run_dir: Path, fsync: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.fsync = fsync
+        self._positions: TextIO | None = None
+        self._journal: TextIO | None = None
+
+    def open(self, truncate_to: int) -> None:
+        """Open for appending, dropping anything after the first ``truncate_to`` frames."""
+        pos_path = self.run_dir / POSITIONS
+        jr_path = self.run_dir / JOURNAL
+        try:
+            if truncate_to == 0:
+                pos_path.write_text(POSITIONS_HEADER + "\n", encoding="utf-8")
+                jr_path.write_text("", encoding="utf-8")
+            else:
+                _truncate_lines(pos_path, truncate_to + 1)
+                _truncate_lines(jr_path, truncate_to)
+            self._positions = open(pos_path, "a", encoding="utf-8")  # noqa: SIM115
+            self._journal = open(jr_path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise JournalError(f"{self.run_dir}: cannot open the stitch journal ({exc})") from None
+
+    def append(self, p: Placement) -> None:
+        """Commit one placement (journal first, then the positions line)."""
+        if self._positions is None or self._journal is None:
+            raise JournalError(f"{self.run_dir}: journal is not open")
+        record = {
+            "seq": p.seq, "src": p.src_index, "row": p.row, "x": p.x, "y": p.y,
+            "score": p.score, "status": p.status,
+            "c": [[c.i, c.j, c.dx, c.dy, c.weight, c.kind] for c in p.constraints],
+        }  # fmt: skip
+        try:
+            self._journal.write(json.dumps(record) + "\n")
+            self._journal.flush()
+            self._positions.write(format_position(p.seq, p.src_index, p.x, p.y, p.score, p.status))
+            self._positions.flush()
+            if self.fsync:
+                os.fsync(self._journal.fileno())
+                os.fsync(self._positions.fileno())
+        except OSError as exc:
+            raise JournalError(f"{self.run_dir}: cannot append to the journal ({exc})") from None
+
+    def close(self) -> None:
+        """Close both files."""
+        for f in (self._positions, self._journal):
+            if f is not None:
+                f.close()
+        self._positions = self._journal = None
+
+
+def read_journal(run_dir: Path) -> list[Placement]:
+    """Committed placements of an earlier run (empty when there is none)."""
+    pos_path = Path(run_dir) / POSITIONS
+    jr_path = Path(run_dir) / JOURNAL
+    if not pos_path.is_file() or not jr_path.is_file():
+        return []
+    committed = _complete_lines(pos_path)[1:]
+    records = _complete_lines(jr_path)
+    out: list[Placement] = []
+    for k, line in enumerate(records[: len(committed)]):
+        try:
+            r: dict[str, Any] = json.loads(line)
+            constraints = [
+                Constraint(int(i), int(j), dx, dy, w, kind) for i, j, dx, dy, w, kind in r["c"]
+            ]
+            out.append(
+                Placement(
+                    r["seq"],
+                    r["src"],
+                    r["row"],
+                    r["x"],
+                    r["y"],
+                    r["score"],
+                    r["status"],
+                    constraints,
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalError(f"{jr_path}: corrupt record {k} ({exc})") from None
+        if out[-1].seq != k:
+            raise JournalError(f"{jr_path}: record {k} holds frame {out[-1].seq}")
+    return out
+
+
+def _complete_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    complete, _, _ = text.rpartition("\n")
+    return complete.split("\n") if complete else []
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    lines = _complete_lines(path)[:keep]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,280 @@
+"""Online position finding: where does each new frame land?
+
+The tracker follows the stage path from the images themselves (the header's
+``row`` field helps when present, but nothing is required):
+
+* a frame is registered against its predecessor, predicted by the velocity
+  along the row so far;
+* when it no longer overlaps its predecessor (a raster row return, a
+  serpentine turn), it is searched for against the start (raster) and the end
+  (serpentine) of the row just finished, and a new row begins;
+* from the second row on, each frame is also registered against the frame of
+  the previous row it overlaps most (a row-to-row constraint);
+* a frame whose registrations all fail is placed by the motion model, with
+  status ``predicted``, never silently wrong.
+
+Positions here are provisional (frame 0 at the origin); the global solve
+(:mod:`cemi_stream.stitch.solve`) refines them from the constraints.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .register import Prepared, Registrar, Shift
+from .solve import MOTION, Constraint
+
+log = logging.getLogger(__name__)
+
+PLACED = "placed"
+PREDICTED = "predicted"
+MOTION_WEIGHT = 1e-3  # a prior, not a measurement: only holds unregistered frames
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where the tracker put one frame.
+
+    Attributes
+    ----------
+    seq, src_index : int
+        Frame identifiers.
+    row : int
+        Traversal row (0-based, as recognised by the tracker).
+    x, y : float
+        Provisional top-left position in mosaic pixels.
+    score : float
+        Best NCC of the frame's registrations (0 when predicted).
+    status : str
+        ``placed`` or ``predicted``.
+    constraints : list of Constraint
+        Measurements linking this frame to earlier ones.
+    """
+
+    seq: int
+    src_index: int
+    row: int
+    x: float
+    y: float
+    score: float
+    status: str
+    constraints: list[Constraint] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Row:
+    seqs: list[int] = field(default_factory=list)
+    label: int | None = None  # the header's row field, when the source gives one
+
+
+class PathTracker:
+    """Places frames one by one (see the module docstring).
+
+    Parameters
+    ----------
+    registrar : Registrar
+        The pairwise translation estimator.
+    frame_shape : (height, width)
+        Shape of every frame, pixels.
+    layout : {"auto", "raster", "serpentine"}
+        Traversal hint; ``auto`` tries both at each row change.
+    keep_rows : int
+        Rows whose prepared frames stay in memory for row-to-row matching.
+    """
+
+    def __init__(
+        self,
+        registrar: Registrar,
+        frame_shape: tuple[int, int],
+        layout: Literal["auto", "raster", "serpentine"] = "auto",
+        keep_rows: int = 2,
+    ) -> None:
+        self.registrar = registrar
+        self.height, self.width = frame_shape
+        self.layout = layout
+        self.rows: list[_Row] = []
+        self.positions: dict[int, tuple[float, float]] = {}
+        self.row_of: dict[int, int] = {}
+        self._prepared: dict[int, Prepared] = {}
+        self._keep_rows = keep_rows
+        self._steps: deque[tuple[float, float]] = deque(maxlen=5)
+        self._row_step: tuple[float, float] | None = None
+
+    # -- public ------------------------------------------------------------
+
+    def add(self, seq: int, src_index: int, image: np.ndarray, row_label: int | None) -> Placement:
+        """Place frame ``seq`` (2-D uint8 ``(y, x)``) and return where it went."""
+        cur = self.registrar.prepare(image)
+        if not self.rows:
+            self._start_row(row_label)
+            return self._commit(Placement(seq, src_index, 0, 0.0, 0.0, 1.0, PLACED), cur)
+        prev = self.rows[-1].seqs[-1]
+        header_new_row = row_label is not None and row_label != self.rows[-1].label
+        placement = None if header_new_row else self._along_row(seq, src_index, prev, cur)
+        if placement is None:
+            # No overlap with the predecessor: a row change, or a failed registration.
+            found = self._find_row_start(cur)
+            velocity = self.velocity()
+            if found is not None or header_new_row or velocity is None:
+                placement = self._new_row(seq, src_index, found, row_label)
+            else:
+                placement = self._predicted(seq, src_index, prev, velocity, len(self.rows) - 1)
+        self._add_row_link(placement, cur)
+        return self._commit(placement, cur)
+
+    def replay(self, p: Placement, image: np.ndarray, row_label: int | None) -> None:
+        """Restore the state ``add`` left after placing ``p`` (a journaled frame)."""
+        cur = self.registrar.prepare(image)
+        if not self.rows or p.row != len(self.rows) - 1:
+            first_of_prev = self.rows[-1].seqs[0] if self.rows else None
+            self._start_row(row_label)
+            self._steps.clear()
+            for c in p.constraints:
+                if c.kind == "row" and c.i in self.positions:
+                    self._row_step = (c.dx, c.dy)
+                    if self.layout == "auto":
+                        self.layout = "raster" if c.i == first_of_prev else "serpentine"
+                    break
+        else:
+            for c in p.constraints:
+                if c.kind == "frame":
+                    self._steps.append((c.dx, c.dy))
+        self._commit(p, cur)
+
+    def velocity(self) -> tuple[float, float] | None:
+        """Median displacement per frame along the current row, pixels."""
+        if not self._steps:
+            return None
+        steps = np.array(self._steps)
+        return float(np.median(steps[:, 0])), float(np.median(steps[:, 1]))
+
+    def rows_done(self) -> int:
+        """Number of rows that are complete (all but the current one)."""
+        return max(len(self.rows) - 1, 0)
+
+    # -- internals ---------------------------------------------------------
+
+    def _along_row(self, seq: int, src: int, prev: int, cur: Prepared) -> Placement | None:
+        velocity = self.velocity()
+        search = 0.25 * self.width if velocity is not None else None
+        shift = self.registrar.register(self._prepared[prev], cur, velocity, search)
+        if not shift.ok:
+            return None
+        px, py = self.positions[prev]
+        c = Constraint(prev, seq, shift.dx, shift.dy, max(shift.score, 1e-3), "frame")
+        self._steps.append((shift.dx, shift.dy))
+        return Placement(
+            seq, src, len(self.rows) - 1, px + shift.dx, py + shift.dy, shift.score, PLACED,
+            [c, self._motion(prev, seq, (shift.dx, shift.dy))],
+        )  # fmt: skip
+
+    def _find_row_start(self, cur: Prepared) -> tuple[Shift, str, int] | None:
+        """Search ``cur`` at the start (raster) and end (serpentine) of the current row."""
+        row = self.rows[-1].seqs
+        candidates: list[tuple[str, int]] = []
+        if self.layout in ("auto", "raster"):
+            candidates.append(("raster", row[0]))
+        if self.layout in ("auto", "serpentine") and row[-1] != row[0]:
+            candidates.append(("serpentine", row[-1]))
+        best: tuple[Shift, str, int] | None = None
+        for layout, anchor in candidates:
+            predicted = self._row_step if layout == self._layout_seen() else None
+            shift = self.registrar.register(self._prepared[anchor], cur, predicted, None)
+            # A row step must leave the row: a hit inside it is the same row, missed.
+            leaves_row = abs(shift.dy) > 0.2 * self.height
+            if shift.ok and leaves_row and (best is None or shift.score > best[0].score):
+                best = (shift, layout, anchor)
+        return best
+
+    def _new_row(
+        self, seq: int, src: int, found: tuple[Shift, str, int] | None, label: int | None
+    ) -> Placement:
+        finished = self.rows[-1]
+        self._start_row(label)
+        row = len(self.rows) - 1
+        self._steps.clear()
+        if found is None:
+            step = self._row_step or (0.0, 0.5 * self.height)
+            anchor = finished.seqs[-1] if self.layout == "serpentine" else finished.seqs[0]
+            log.warning("frame %d: row change not registered; placed by the motion model", seq)
+            return self._predicted(seq, src, anchor, step, row)
+        shift, layout, anchor = found
+        if self.layout == "auto":
+            self.layout = layout  # type: ignore[assignment]
+            log.info("traversal layout recognised as %s", layout)
+        self._row_step = (shift.dx, shift.dy)
+        ax, ay = self.positions[anchor]
+        c = Constraint(anchor, seq, shift.dx, shift.dy, max(shift.score, 1e-3), "row")
+        return Placement(
+            seq, src, row, ax + shift.dx, ay + shift.dy, shift.score, PLACED,
+            [c, self._motion(anchor, seq, (shift.dx, shift.dy))],
+        )  # fmt: skip
+
+    def _layout_seen(self) -> str | None:
+        return None if self.layout == "auto" else self.layout
+
+    def _add_row_link(self, placement: Placement, cur: Prepared) -> None:
+        """Register against the most overlapping frame of the previous row."""
+        if placement.row == 0:
+            return
+        prev_row = self.rows[placement.row - 1].seqs
+        x, y = placement.x, placement.y
+        best_seq, best_overlap = None, 0.0
+        for s in prev_row:
+            if s not in self._prepared:
+                continue
+            sx, sy = self.positions[s]
+            ox = max(self.width - abs(sx - x), 0.0)
+            oy = max(self.height - abs(sy - y), 0.0)
+            if ox * oy > best_overlap:
+                best_seq, best_overlap = s, ox * oy
+        if best_seq is None or best_overlap < 0.1 * self.width * self.height:
+            return
+        if any(c.i == best_seq for c in placement.constraints if c.kind != MOTION):
+            return
+        sx, sy = self.positions[best_seq]
+        predicted = (x - sx, y - sy)
+        search = 0.1 * self.width if placement.status == PLACED else None
+        shift = self.registrar.register(self._prepared[best_seq], cur, predicted, search)
+        if not shift.ok:
+            return
+        placement.constraints.append(
+            Constraint(best_seq, placement.seq, shift.dx, shift.dy, max(shift.score, 1e-3), "row")
+        )
+        if placement.status == PREDICTED:
+            # The row link is the only measurement: take it.
+            placement.x, placement.y = sx + shift.dx, sy + shift.dy
+            placement.status, placement.score = PLACED, shift.score
+        else:
+            placement.score = max(placement.score, shift.score)
+
+    def _predicted(
+        self, seq: int, src: int, anchor: int, step: tuple[float, float], row: int
+    ) -> Placement:
+        ax, ay = self.positions[anchor]
+        return Placement(
+            seq, src, row, ax + step[0], ay + step[1], 0.0, PREDICTED,
+            [self._motion(anchor, seq, step)],
+        )  # fmt: skip
+
+    def _motion(self, i: int, j: int, step: tuple[float, float]) -> Constraint:
+        return Constraint(i, j, step[0], step[1], MOTION_WEIGHT, MOTION)
+
+    def _start_row(self, label: int | None) -> None:
+        self.rows.append(_Row(label=label))
+        # Prepared frames of rows older than keep_rows are no longer matched against.
+        if len(self.rows) > self._keep_rows:
+            for s in self.rows[-self._keep_rows - 1].seqs:
+                self._prepared.pop(s, None)
+
+    def _commit(self, placement: Placement, cur: Prepared) -> Placement:
+        self.rows[placement.row].seqs.append(placement.seq)
+        self.positions[placement.seq] = (placement.x, placement.y)
+        self.row_of[placement.seq] = placement.row
+        self._prepared[placement.seq] = cur
+        return placement
