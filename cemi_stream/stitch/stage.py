@@ -33,6 +33,7 @@ import numpy as np
 from .. import __version__
 from ..config import Config, to_dict
 from ..errors import CemiError
+from ..frame import FrameMeta
 from ..progress import Progress
 from .feed import frames_in_order
 from .journal import POSITIONS, POSITIONS_HEADER, Journal, format_position, read_journal
@@ -179,11 +180,14 @@ def run_stitch(
                 )  # fmt: skip
                 assembler = Assembler(canvas)
             t0 = time.perf_counter()
+            stage_px = _stage_px(frame.meta)
             if seq < len(journaled):
                 placement = journaled[seq]
-                tracker.replay(placement, frame.image, frame.meta.row)
+                tracker.replay(placement, frame.image, frame.meta.row, stage_px)
             else:
-                placement = tracker.add(seq, frame.meta.src_index, frame.image, frame.meta.row)
+                placement = tracker.add(
+                    seq, frame.meta.src_index, frame.image, frame.meta.row, stage_px
+                )
                 timings["register"] += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 journal.append(placement)
@@ -234,6 +238,14 @@ def run_stitch(
         summary.residuals.get("rms_px", 0.0),
     )  # fmt: skip
     return summary
+
+
+def _stage_px(meta: FrameMeta) -> tuple[float, float] | None:
+    """Stage position in pixels, when the header has a stage position and pixel size."""
+    if meta.stage_x_um is None or meta.stage_y_um is None or not meta.pixel_size_nm:
+        return None
+    scale = 1000.0 / meta.pixel_size_nm
+    return meta.stage_x_um * scale, meta.stage_y_um * scale
 
 
 def _write_final_positions(

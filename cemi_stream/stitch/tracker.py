@@ -103,13 +103,28 @@ class PathTracker:
         self._prepared: dict[int, Prepared] = {}
         self._keep_rows = keep_rows
         self._steps: deque[tuple[float, float]] = deque(maxlen=5)
+        self._stage: dict[int, tuple[float, float]] = {}
         self._row_step: tuple[float, float] | None = None
 
     # -- public ------------------------------------------------------------
 
-    def add(self, seq: int, src_index: int, image: np.ndarray, row_label: int | None) -> Placement:
-        """Place frame ``seq`` (2-D uint8 ``(y, x)``) and return where it went."""
+    def add(
+        self,
+        seq: int,
+        src_index: int,
+        image: np.ndarray,
+        row_label: int | None,
+        stage_px: tuple[float, float] | None = None,
+    ) -> Placement:
+        """Place frame ``seq`` (2-D uint8 ``(y, x)``) and return where it went.
+
+        ``stage_px`` is the stage position from the frame header converted to
+        pixels, when the source reports one; it only disambiguates a row
+        change (row start vs row end) on specimens that repeat themselves.
+        """
         cur = self.registrar.prepare(image)
+        if stage_px is not None:
+            self._stage[seq] = stage_px
         if not self.rows:
             self._start_row(row_label)
             return self._commit(Placement(seq, src_index, 0, 0.0, 0.0, 1.0, PLACED), cur)
@@ -118,7 +133,7 @@ class PathTracker:
         placement = None if header_new_row else self._along_row(seq, src_index, prev, cur)
         if placement is None:
             # No overlap with the predecessor: a row change, or a failed registration.
-            found = self._find_row_start(cur)
+            found = self._find_row_start(cur, self._stage.get(seq))
             velocity = self.velocity()
             if found is not None or header_new_row or velocity is None:
                 placement = self._new_row(seq, src_index, found, row_label)
@@ -127,9 +142,17 @@ class PathTracker:
         self._add_row_link(placement, cur)
         return self._commit(placement, cur)
 
-    def replay(self, p: Placement, image: np.ndarray, row_label: int | None) -> None:
+    def replay(
+        self,
+        p: Placement,
+        image: np.ndarray,
+        row_label: int | None,
+        stage_px: tuple[float, float] | None = None,
+    ) -> None:
         """Restore the state ``add`` left after placing ``p`` (a journaled frame)."""
         cur = self.registrar.prepare(image)
+        if stage_px is not None:
+            self._stage[p.seq] = stage_px
         if not self.rows or p.row != len(self.rows) - 1:
             first_of_prev = self.rows[-1].seqs[0] if self.rows else None
             self._start_row(row_label)
@@ -173,7 +196,9 @@ class PathTracker:
             [c, self._motion(prev, seq, (shift.dx, shift.dy))],
         )  # fmt: skip
 
-    def _find_row_start(self, cur: Prepared) -> tuple[Shift, str, int] | None:
+    def _find_row_start(
+        self, cur: Prepared, stage: tuple[float, float] | None
+    ) -> tuple[Shift, str, int] | None:
         """Search ``cur`` at the start (raster) and end (serpentine) of the current row."""
         row = self.rows[-1].seqs
         candidates: list[tuple[str, int]] = []
@@ -187,7 +212,14 @@ class PathTracker:
             shift = self.registrar.register(self._prepared[anchor], cur, predicted, None)
             # A row step must leave the row: a hit inside it is the same row, missed.
             leaves_row = abs(shift.dy) > 0.2 * self.height
-            if shift.ok and leaves_row and (best is None or shift.score > best[0].score):
+            if not (shift.ok and leaves_row):
+                continue
+            if stage is not None and anchor in self._stage:
+                # Where the stage says we are along x must agree with the match.
+                stage_dx = stage[0] - self._stage[anchor][0]
+                if abs(stage_dx - shift.dx) > 0.5 * self.width:
+                    continue
+            if best is None or shift.score > best[0].score:
                 best = (shift, layout, anchor)
         return best
 
@@ -271,6 +303,7 @@ class PathTracker:
         if len(self.rows) > self._keep_rows:
             for s in self.rows[-self._keep_rows - 1].seqs:
                 self._prepared.pop(s, None)
+                self._stage.pop(s, None)
 
     def _commit(self, placement: Placement, cur: Prepared) -> Placement:
         self.rows[placement.row].seqs.append(placement.seq)
