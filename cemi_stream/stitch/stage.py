@@ -48,6 +48,10 @@ MOSAIC_DIR = "mosaic.ome.zarr"
 SUMMARY = "stitch.json"
 PREVIEW = "preview.png"
 SKIPPED = "skipped"
+# The first frame goes this far inside the canvas's first chunk, so that the
+# usual stage jitter above/left of it does not open a mostly empty chunk row
+# (the stored mosaic starts at a chunk boundary).
+CANVAS_MARGIN_PX = 128.0
 
 
 @dataclass(slots=True)
@@ -118,11 +122,12 @@ class Assembler:
         self.render_s += time.perf_counter() - t0
 
     def _render_row(self, seqs: list[int], positions: dict[int, tuple[float, float]]) -> None:
+        m = CANVAS_MARGIN_PX
         for k, seq in enumerate(seqs):
             x, y = positions[seq]
-            self.canvas.add(self.images.pop(seq), x, y)
+            self.canvas.add(self.images.pop(seq), x + m, y + m)
             self.fixed[seq] = (x, y)
-            rest = [positions[s] for s in seqs[k + 1 :]]
+            rest = [(px + m, py + m) for px, py in (positions[s] for s in seqs[k + 1 :])]
             # Chunks no later frame of this row touches are written now; the
             # next row re-opens the ones it overlaps, so RAM holds ~one frame.
             h, w = self.canvas.frame_shape
@@ -207,7 +212,8 @@ def run_stitch(
     finally:
         journal.close()
     x0, y0 = info.origin_xy
-    _write_final_positions(run_dir, assembler.placements, positions, (x0, y0))
+    origin = (x0 - CANVAS_MARGIN_PX, y0 - CANVAS_MARGIN_PX)
+    _write_final_positions(run_dir, assembler.placements, positions, origin)
     preview = assembler.canvas.preview(cfg.preview_max_side)
     if not cv2.imwrite(str(run_dir / PREVIEW), preview):
         raise CemiError(f"{run_dir / PREVIEW}: could not write the preview image")

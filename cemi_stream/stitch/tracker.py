@@ -104,6 +104,7 @@ class PathTracker:
         self._keep_rows = keep_rows
         self._steps: deque[tuple[float, float]] = deque(maxlen=5)
         self._stage: dict[int, tuple[float, float]] = {}
+        self._seed_velocity: tuple[float, float] | None = None
         self._row_step: tuple[float, float] | None = None
 
     # -- public ------------------------------------------------------------
@@ -155,14 +156,20 @@ class PathTracker:
             self._stage[p.seq] = stage_px
         if not self.rows or p.row != len(self.rows) - 1:
             first_of_prev = self.rows[-1].seqs[0] if self.rows else None
+            last = self.velocity()
             self._start_row(row_label)
             self._steps.clear()
+            layout = "raster"
             for c in p.constraints:
                 if c.kind == "row" and c.i in self.positions:
                     self._row_step = (c.dx, c.dy)
+                    layout = "raster" if c.i == first_of_prev else "serpentine"
                     if self.layout == "auto":
-                        self.layout = "raster" if c.i == first_of_prev else "serpentine"
+                        self.layout = layout  # type: ignore[assignment]
                     break
+            if last is not None:
+                sign = -1.0 if layout == "serpentine" else 1.0
+                self._seed_velocity = (sign * last[0], sign * last[1])
         else:
             for c in p.constraints:
                 if c.kind == "frame":
@@ -185,6 +192,10 @@ class PathTracker:
     def _along_row(self, seq: int, src: int, prev: int, cur: Prepared) -> Placement | None:
         velocity = self.velocity()
         search = 0.25 * self.width if velocity is not None else None
+        if velocity is None and self._seed_velocity is not None:
+            # Second frame of a row: expect the previous row's motion (reversed
+            # on a serpentine path), within a generous window.
+            velocity, search = self._seed_velocity, 0.5 * self.width
         shift = self.registrar.register(self._prepared[prev], cur, velocity, search)
         if not shift.ok:
             return None
@@ -207,11 +218,13 @@ class PathTracker:
         if self.layout in ("auto", "serpentine") and row[-1] != row[0]:
             candidates.append(("serpentine", row[-1]))
         best: tuple[Shift, str, int] | None = None
+        across = self._across_row()
         for layout, anchor in candidates:
             predicted = self._row_step if layout == self._layout_seen() else None
             shift = self.registrar.register(self._prepared[anchor], cur, predicted, None)
             # A row step must leave the row: a hit inside it is the same row, missed.
-            leaves_row = abs(shift.dy) > 0.2 * self.height
+            reach = abs(across[0]) * self.width + abs(across[1]) * self.height
+            leaves_row = abs(shift.dx * across[0] + shift.dy * across[1]) > 0.2 * reach
             if not (shift.ok and leaves_row):
                 continue
             if stage is not None and anchor in self._stage:
@@ -223,13 +236,26 @@ class PathTracker:
                 best = (shift, layout, anchor)
         return best
 
+    def _across_row(self) -> tuple[float, float]:
+        """Unit vector across the current row (rows usually run along x)."""
+        velocity = self.velocity()
+        if velocity is None or np.hypot(*velocity) < 1.0:
+            return 0.0, 1.0
+        vx, vy = velocity
+        norm = float(np.hypot(vx, vy))
+        return -vy / norm, vx / norm
+
     def _new_row(
         self, seq: int, src: int, found: tuple[Shift, str, int] | None, label: int | None
     ) -> Placement:
         finished = self.rows[-1]
+        last = self.velocity()
         self._start_row(label)
         row = len(self.rows) - 1
         self._steps.clear()
+        if last is not None:
+            sign = -1.0 if found is not None and found[1] == "serpentine" else 1.0
+            self._seed_velocity = (sign * last[0], sign * last[1])
         if found is None:
             step = self._row_step or (0.0, 0.5 * self.height)
             anchor = finished.seqs[-1] if self.layout == "serpentine" else finished.seqs[0]
