@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,7 @@ def run_stitch(
     assembler: Assembler | None = None
     journal = Journal(run_dir, fsync=cfg.journal_fsync)
     journal.open(truncate_to=len(journaled))
-    timings: Counter[str] = Counter()
+    timings: defaultdict[str, float] = defaultdict(float)
     bar = Progress("stitch", enabled=progress)
     pixel_size_um = cfg.pixel_size_um
     try:

@@ -1,0 +1,89 @@
+"""Online position finding on simulated traversals with exact ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cemi_stream.stitch.register import RegisterConfig, Registrar
+from cemi_stream.stitch.solve import solve_positions
+from cemi_stream.stitch.tracker import PathTracker, Placement
+from drivers.sim import SimConfig, SimSource
+
+
+def _track(
+    config: SimConfig, use_rows: bool = False
+) -> tuple[list[Placement], SimSource, PathTracker]:
+    source = SimSource(config)
+    source.open()
+    tracker: PathTracker | None = None
+    out = []
+    seq = 0
+    while (frame := source.read()) is not None:
+        if tracker is None:
+            tracker = PathTracker(Registrar(RegisterConfig()), frame.shape)
+        row = frame.meta.row if use_rows else None
+        out.append(tracker.add(seq, frame.meta.src_index, frame.image, row))
+        seq += 1
+    assert tracker is not None
+    return out, source, tracker
+
+
+def _errors(placements: list[Placement], source: SimSource, solved: bool) -> np.ndarray:
+    if solved:
+        cons = [c for p in placements for c in p.constraints]
+        sol = solve_positions([p.seq for p in placements], cons, {}, {0: (0.0, 0.0)})
+        est = np.array([sol.positions[p.seq] for p in placements])
+    else:
+        est = np.array([(p.x, p.y) for p in placements])
+    truth = np.array([(r.x_px, r.y_px) for r in source.truth])
+    diff = est - truth
+    diff -= np.median(diff, axis=0)  # the mosaic frame is defined up to a translation
+    return np.hypot(diff[:, 0], diff[:, 1])
+
+
+@pytest.mark.parametrize("serpentine", [False, True])
+def test_flat_folder_path_is_found_from_the_images(serpentine: bool) -> None:
+    """No rows, no positions: row changes are recognised from the images alone."""
+    config = SimConfig(
+        rows=3, frames_per_row=6, frame_width=512, frame_height=384, noise="ld", seed=3,
+        serpentine=serpentine, report_stage=False,
+    )  # fmt: skip
+    placements, source, tracker = _track(config)
+    assert [p.row for p in placements] == [r.row for r in source.truth]
+    assert tracker.layout == ("serpentine" if serpentine else "raster")
+    assert all(p.status == "placed" for p in placements)
+    err = _errors(placements, source, solved=True)
+    assert float(np.median(err)) < 0.3 and float(err.max()) < 1.0
+
+
+def test_row_field_from_the_header_is_used() -> None:
+    config = SimConfig(rows=2, frames_per_row=5, frame_width=512, frame_height=384, seed=9)
+    placements, source, _ = _track(config, use_rows=True)
+    assert [p.row for p in placements] == [r.row for r in source.truth]
+    row_links = [c for p in placements if p.row == 1 for c in p.constraints if c.kind == "row"]
+    assert len(row_links) >= 5  # every frame of row 1 is tied to row 0
+
+
+def test_blank_frame_is_predicted_not_misplaced() -> None:
+    config = SimConfig(rows=1, frames_per_row=6, frame_width=512, frame_height=384, seed=2)
+    source = SimSource(config)
+    source.open()
+    frames = []
+    while (f := source.read()) is not None:
+        frames.append(f)
+    tracker = PathTracker(Registrar(RegisterConfig()), frames[0].shape)
+    out = []
+    for seq, f in enumerate(frames):
+        image = np.full_like(f.image, 90) if seq == 3 else f.image
+        out.append(tracker.add(seq, f.meta.src_index, image, None))
+    assert out[3].status == "predicted" and out[3].score == 0.0
+    truth = source.truth
+    # Predicted by the velocity: within a few tens of pixels of the truth.
+    est = out[3].x - out[2].x
+    assert abs(est - (truth[3].x_px - truth[2].x_px)) < 40
+    # At 50 % overlap the next frame only overlaps the blank one: predicted too,
+    # and the chain resumes after it (the next row's links would pin them).
+    assert out[4].status == "predicted"
+    assert out[5].status == "placed"
+    assert all(p.row == 0 for p in out)
