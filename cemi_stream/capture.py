@@ -182,6 +182,7 @@ def run_capture(
                         seq = spool.append(d.frame)
                         frames.append(d.frame)  # published only once on disk
                     decisions_csv.write(format_decision(d) + f",{'' if seq is None else seq}\n")
+                decisions_csv.flush()  # progress readers (replay, dashboards) follow this file
 
             while not stop.is_set():
                 _raise_sender_error(senders)

@@ -175,7 +175,8 @@ class StitchConfig:
     pixel_size_um : float or None
         Pixel size in micrometres; None takes it from the frames' metadata.
     journal_fsync : bool
-        fsync the journal after every frame (the commit record).
+        fsync the journal (the commit record) in a background thread that
+        covers every frame written since its last fsync (group commit).
     preview_max_side : int
         Longest side of ``preview.png`` in pixels.
     """

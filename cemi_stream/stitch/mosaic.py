@@ -347,9 +347,7 @@ class MosaicCanvas:
             raise MosaicError(f"{self.path}: chunk {chunk} must be even and >= 64")
         if shard is not None and (shard < chunk or shard % chunk):
             raise MosaicError(f"{self.path}: shard {shard} must be a multiple of chunk {chunk}")
-        if pixel_size_um is not None and not (
-            math.isfinite(pixel_size_um) and pixel_size_um > 0
-        ):
+        if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
             raise MosaicError(f"{self.path}: pixel size {pixel_size_um} um must be positive")
         if interpolation not in ("linear", "cubic"):
             raise MosaicError(f"{self.path}: interpolation {interpolation!r} (linear or cubic)")
@@ -414,15 +412,17 @@ class MosaicCanvas:
             except OSError as exc:
                 raise MosaicError(f"{p}: cannot create ({exc.strerror or exc})") from exc
             return
-        empty_dir = p.is_dir() and not any(p.iterdir())
-        if empty_dir:
-            p.rmdir()  # zarr's mode "w-" wants to create it itself
-            return
-        if not overwrite:
-            raise MosaicError(f"{p}: already exists (pass overwrite=True to replace a mosaic)")
-        if not (p / "zarr.json").is_file():
-            raise MosaicError(f"{p}: exists and is not a zarr group; refusing to delete it")
-        shutil.rmtree(p)
+        try:
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()  # zarr's mode "w-" wants to create it itself
+                return
+            if not overwrite:
+                raise MosaicError(f"{p}: already exists (pass overwrite=True to replace a mosaic)")
+            if not (p / "zarr.json").is_file():
+                raise MosaicError(f"{p}: exists and is not a zarr group; refusing to delete it")
+            shutil.rmtree(p)
+        except OSError as exc:
+            raise MosaicError(f"{p}: cannot replace ({exc.strerror or exc})") from exc
 
     def _create_level(self, name: str, shape: tuple[int, int]) -> Any:
         return self._group.create_array(
@@ -436,7 +436,8 @@ class MosaicCanvas:
             dimension_names=["y", "x"],
             overwrite=True,
             # zarr's own all-fill-value test costs more than the write itself
-            # (measured 4-6 vs 1.5-4 ms per 1 MiB chunk); callers skip empty units.
+            # (1 MiB chunk: ~4-6 ms with it, ~1.5-4 ms without, on the 2-core dev
+            # machine); _write_tile skips empty units itself.
             config={"write_empty_chunks": True},
         )
 
@@ -679,9 +680,11 @@ class MosaicCanvas:
             rects = np.asarray(keep, dtype=np.float64).reshape(-1, 4)
         except (TypeError, ValueError) as exc:
             raise MosaicError(f"{self.path}: keep must be (x0, y0, x1, y1) rectangles") from exc
-        if np.isnan(rects).any() or (rects[:, 2] < rects[:, 0]).any() or (
-            rects[:, 3] < rects[:, 1]
-        ).any():
+        if (
+            np.isnan(rects).any()
+            or (rects[:, 2] < rects[:, 0]).any()
+            or (rects[:, 3] < rects[:, 1]).any()
+        ):
             raise MosaicError(f"{self.path}: invalid keep rectangle in {keep!r}")
         return rects + self._off
 
@@ -813,7 +816,7 @@ class MosaicCanvas:
     ) -> set[tuple[int, int]]:
         """Level ``level`` as the 2x block mean of the previous one, unit by unit."""
         u = self.unit
-        prev = self._group[str(level - 1)]
+        prev: Any = self._group[str(level - 1)]
         shape = ((prev_shape[0] + 1) // 2, (prev_shape[1] + 1) // 2)
         target = self._create_level(str(level), shape)
         out_units = sorted({(ty // 2, tx // 2) for ty, tx in prev_units})
@@ -854,7 +857,8 @@ class MosaicCanvas:
         level = next(
             (k for k, s in enumerate(info.level_shapes) if max(s) <= max_side), info.levels - 1
         )
-        image = np.asarray(self._group[str(level)][...])
+        array: Any = self._group[str(level)]
+        image = np.asarray(array[...])
         h, w = image.shape
         if max(h, w) > max_side:
             f = max_side / max(h, w)
@@ -929,7 +933,8 @@ def open_mosaic(path: Path, level: int = 0) -> MosaicView:
     path = Path(path)
     try:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        meta = dict(group.attrs).get(ATTRS_KEY, {}).get("mosaic")
+        ours: Any = dict(group.attrs).get(ATTRS_KEY)
+        meta = ours.get("mosaic") if isinstance(ours, dict) else None
         if not isinstance(meta, dict) or meta.get("state") not in ("live", "final"):
             state = meta.get("state") if isinstance(meta, dict) else None
             raise MosaicError(f"{path}: not a readable cemi-stream mosaic (state {state!r})")

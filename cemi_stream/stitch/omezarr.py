@@ -240,8 +240,13 @@ def _transforms(items: Any, n: int, where: str, problems: list[str]) -> list[flo
             continue
         if has_values:
             _numbers(t[kind], n, f"{where} {kind}", problems, positive=kind == "scale")
-            if kind == "scale" and isinstance(t[kind], list):
-                scale = t[kind]
+            values = t[kind]
+            if (
+                kind == "scale"
+                and isinstance(values, list)
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            ):
+                scale = values
     return scale
 
 
@@ -331,9 +336,13 @@ def validate_image_attributes(
                 continue
             paths.append(ds["path"])
             scale = _transforms(ds.get("coordinateTransformations"), n, dwhere, problems)
-            if scale is not None and previous is not None and len(scale) == len(previous):
-                if any(s < p for s, p in zip(scale, previous, strict=True)):
-                    problems.append(f"{dwhere}: levels must go from highest to lowest resolution")
+            if (
+                scale is not None
+                and previous is not None
+                and len(scale) == len(previous)
+                and any(s < p for s, p in zip(scale, previous, strict=True))
+            ):
+                problems.append(f"{dwhere}: levels must go from highest to lowest resolution")
             previous = scale if scale is not None else previous
             if arrays is not None:
                 _check_array(ds["path"], arrays, names, dwhere, problems)

@@ -1,18 +1,20 @@
 """Pairwise translation between overlapping SEM frames, to sub-pixel accuracy.
 
 The live stitcher's measurement: given two frames that overlap (by as little
-as ~5 %), how far apart are they?  The estimate is built in two stages:
+as ~5 %), how far apart are they?  The estimate is made in two stages:
 
 1. **coarse**, at reduced resolution over the whole frames: phase correlation
-   of the periodic components of both frames (edge artefacts removed without
-   a window, so even a narrow overlap at a frame edge keeps its full weight),
+   of the frames' periodic components (edge artefacts removed without a
+   window, so a narrow overlap at a frame border keeps its full weight),
    band-pass filtered (shot noise at high and illumination at very low
-   frequencies), several correlation peaks and the wrap-around aliases of
-   each checked by zero-mean NCC on their actual overlap;
+   frequencies); several correlation peaks, and the wrap-around aliases of
+   each, are checked by zero-mean NCC on their actual overlap;
 2. **fine**, at full resolution on the overlap only: a window of bounded size
-   cut from the overlap at the coarse shift, phase-correlated the same way,
-   the peak located to sub-pixel precision by maximising the band-limited
-   correlation surface itself (Newton steps on its DFT interpolation).
+   cut from the overlap at the coarse shift, correlated in the filter's pass
+   band with partial whitening (more precise under noise than pure phase
+   correlation), the correlation evaluated by matrix-multiply DFT on a small
+   grid of shifts around the coarse one, and its maximum located to
+   sub-pixel precision by Newton steps on the DFT interpolation itself.
 
 The answer is scored by zero-mean NCC on the full-resolution overlap; an
 implausible one (too little overlap, a low score, outside the search
@@ -43,8 +45,11 @@ Edges = Literal["periodic", "hann", "tukey", "none"]
 
 _MIN_SIDE = 16  # smallest frame side accepted, pixels
 _MIN_SMALL_SIDE = 16  # smallest low-resolution side the coarse stage works on
+_MIN_WINDOW = 16  # smallest fine-stage window side, pixels
 _FLAT_STD = 0.25  # grey levels: below this a frame has no usable contrast
-_NEWTON_STEPS = 4
+_BAND_SIGMAS = 3.5  # the fine pass band ends where the low-pass weight is ~0.2 %
+_NEWTON_STEPS = 3
+_RUNNER_UP = 0.1  # low-resolution NCC gap under which the second candidate is refined too
 
 
 class RegistrationError(CemiError):
@@ -77,21 +82,21 @@ class RegisterConfig:
         low-resolution pixel.
     fine_lowpass : float
         Gaussian high-frequency cut of the fine stage, sigma in cycles per
-        full-resolution pixel (where shot noise dominates).
+        full-resolution pixel (above it shot noise dominates).
     highpass : float
-        Gaussian low-frequency cut (illumination, brightness gradients),
-        sigma in cycles per full-resolution pixel.
+        Gaussian low-frequency cut (illumination, brightness gradients,
+        detector drift), sigma in cycles per full-resolution pixel.
     coarse_whiten, fine_whiten : float
         Exponent of the spectral normalisation of each stage: 1 is pure
         phase correlation (sharpest peak, robust to repeated structure), 0
         plain cross-correlation (weights frequencies by their energy, more
         precise under noise).
     subpixel : {"dft", "parabola", "gauss"}
-        Sub-pixel peak location: maximise the DFT-interpolated surface, or a
-        3-point parabola / Gaussian fit per axis.
-    edges : {"periodic", "hann", "tukey", "none"}
-        How frame edges are kept out of the spectra: periodic-plus-smooth
-        decomposition (no window) or a window.
+        Sub-pixel peak location: maximise the DFT-interpolated correlation,
+        or fit a 3-point parabola / Gaussian per axis.
+    fine_edges : {"periodic", "hann", "tukey", "none"}
+        How the edges of the fine window are kept out of its spectrum:
+        periodic-plus-smooth decomposition (no window) or a window.
     prior_weight : float
         NCC handicap of a coarse candidate lying half a frame diagonal (or
         more) from the predicted shift: a tie-break, not a constraint.
@@ -109,40 +114,43 @@ class RegisterConfig:
     coarse_whiten: float = 1.0
     fine_whiten: float = 0.5
     subpixel: Subpixel = "dft"
-    edges: Edges = "periodic"
+    fine_edges: Edges = "periodic"
     prior_weight: float = 0.1
 
     def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"register.{name}: {getattr(self, name)!r} {why}")
+
         if isinstance(self.downsample, bool) or not isinstance(self.downsample, int):
-            raise ConfigError(f"register.downsample: must be an integer, not {self.downsample!r}")
+            raise bad("downsample", "must be an integer")
         if not 1 <= self.downsample <= 32:
-            raise ConfigError(f"register.downsample: {self.downsample} is outside 1..32")
+            raise bad("downsample", "is outside 1..32")
         if not -1.0 <= self.min_score <= 1.0:
-            raise ConfigError(f"register.min_score: {self.min_score} is outside -1..1")
+            raise bad("min_score", "is outside -1..1")
         if self.search_px is not None and not self.search_px >= 0:
-            raise ConfigError(f"register.search_px: {self.search_px} must be >= 0 or None")
+            raise bad("search_px", "must be >= 0 or None")
         if not 0.0 < self.min_overlap <= 1.0:
-            raise ConfigError(f"register.min_overlap: {self.min_overlap} is outside (0, 1]")
+            raise bad("min_overlap", "is outside (0, 1]")
+        if isinstance(self.peaks, bool) or not isinstance(self.peaks, int):
+            raise bad("peaks", "must be an integer")
         if not 1 <= self.peaks <= 64:
-            raise ConfigError(f"register.peaks: {self.peaks} is outside 1..64")
-        if not 16 <= self.fine_window <= 4096:
-            raise ConfigError(f"register.fine_window: {self.fine_window} is outside 16..4096")
+            raise bad("peaks", "is outside 1..64")
+        if not _MIN_WINDOW <= self.fine_window <= 4096:
+            raise bad("fine_window", f"is outside {_MIN_WINDOW}..4096")
         for name in ("coarse_lowpass", "fine_lowpass"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"register.{name}: {value} is outside (0, 1]")
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise bad(name, "is outside (0, 1]")
         if not 0.0 <= self.highpass < 0.5:
-            raise ConfigError(f"register.highpass: {self.highpass} is outside [0, 0.5)")
+            raise bad("highpass", "is outside [0, 0.5)")
         for name in ("coarse_whiten", "fine_whiten"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"register.{name}: {value} is outside [0, 1]")
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "is outside [0, 1]")
         if self.subpixel not in ("dft", "parabola", "gauss"):
-            raise ConfigError(f"register.subpixel: unknown method {self.subpixel!r}")
-        if self.edges not in ("periodic", "hann", "tukey", "none"):
-            raise ConfigError(f"register.edges: unknown method {self.edges!r}")
+            raise bad("subpixel", "is not one of dft, parabola, gauss")
+        if self.fine_edges not in ("periodic", "hann", "tukey", "none"):
+            raise bad("fine_edges", "is not one of periodic, hann, tukey, none")
         if not self.prior_weight >= 0.0:
-            raise ConfigError(f"register.prior_weight: {self.prior_weight} must be >= 0")
+            raise bad("prior_weight", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +162,14 @@ class Shift:
     dx, dy : float
         Top-left of ``mov`` minus top-left of ``ref``, pixels (x right, y
         down): ``mov[y, x]`` shows ``ref[y + dy, x + dx]``.  When nothing was
-        found, the predicted shift (or 0, 0).
+        found at all: the predicted shift, or (0, 0).
     score : float
-        Zero-mean NCC of the two frames on their overlap at this shift, full
-        resolution (0 when nothing was found).
+        Zero-mean NCC of the two frames on their overlap at this shift
+        (rounded to whole pixels), full resolution; 0 when nothing was found.
     ok : bool
-        True when the estimate can be trusted: score >= ``min_score``, overlap
-        >= ``min_overlap`` and inside the search region.
+        True when the estimate can be trusted: score >= ``min_score``,
+        overlap >= ``min_overlap``, inside the search region and refined to
+        sub-pixel precision.
     overlap : float
         Overlap area as a fraction of the smaller frame's area.
     """
@@ -174,14 +183,18 @@ class Shift:
 
 @dataclass(eq=False, slots=True)
 class Prepared:
-    """One frame with its per-frame work done (reused by every pair it is in).
+    """One frame with its per-frame work done, reused by every pair it is in.
+
+    Belongs to the :class:`Registrar` that made it (the cached spectrum
+    carries that registrar's filter).
 
     Attributes
     ----------
     image : ndarray of uint8
-        The full-resolution frame ``(y, x)`` (a read-only view, not a copy).
+        The full-resolution frame ``(y, x)`` (a read-only view, not a copy:
+        do not modify the array it came from while it is in use).
     small : ndarray of float32
-        The frame reduced ``factor`` times by area averaging, zero mean.
+        The frame reduced ``factor`` times by block averaging, zero mean.
     factor : int
         Resolution divisor of ``small``.
     flat : bool
@@ -192,7 +205,11 @@ class Prepared:
     small: np.ndarray
     factor: int
     flat: bool
-    _spectra: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    owner: RegisterConfig = field(repr=False)
+    # Whitened, filtered low-resolution spectra keyed by (factor, height,
+    # width) of the transform; frames of another size need another one.
+    _spectra: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _smalls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -200,13 +217,38 @@ class Prepared:
         h, w = self.image.shape
         return int(h), int(w)
 
+    def small_at(self, factor: int) -> np.ndarray:
+        """The frame reduced ``factor`` times (cached), zero mean float32 ``(y, x)``."""
+        if factor == self.factor:
+            return self.small
+        small = self._smalls.get(factor)
+        if small is None:
+            small = _reduce(self.image, factor)
+            self._smalls[factor] = small
+        return small
+
+
+@dataclass(frozen=True, slots=True)
+class _Band:
+    """The pass band of the fine stage for one window size."""
+
+    rows: tuple[slice, slice]  # spectrum rows kept: low positive, then negative frequencies
+    cols: tuple[slice, slice]
+    ky: np.ndarray  # their angular frequencies, radians per pixel
+    kx: np.ndarray
+    weight: np.ndarray  # band-pass weight on the kept block
+    gy: np.ndarray  # periodic-component factors on the kept block
+    gx: np.ndarray
+    fy: np.ndarray  # 1-D DFT indices of the kept rows / columns
+    fx: np.ndarray
+
 
 @dataclass(slots=True)
 class _Candidate:
     dx: float  # full-resolution pixels
     dy: float
-    ncc: float  # low-resolution NCC
-    rank: float
+    ncc: float  # low-resolution NCC on the overlap
+    rank: float  # ncc, less the prior's handicap
 
 
 class Registrar:
@@ -219,15 +261,18 @@ class Registrar:
 
     Notes
     -----
-    Not thread-safe: filters and windows are cached per size.  Use one
+    Not thread-safe (filters and DFT matrices are cached per size): use one
     instance per thread.
     """
 
-    def __init__(self, config: RegisterConfig = RegisterConfig()) -> None:  # noqa: B008
+    def __init__(self, config: RegisterConfig | None = None) -> None:
+        if config is None:
+            config = RegisterConfig()
         if not isinstance(config, RegisterConfig):
             raise ConfigError(f"register: config must be a RegisterConfig, not {config!r}")
         self.config = config
         self._filters: dict[tuple[str, int, int], np.ndarray] = {}
+        self._bands: dict[tuple[int, int], _Band] = {}
 
     # -- public ------------------------------------------------------------
 
@@ -265,10 +310,12 @@ class Registrar:
         view.flags.writeable = False
         f = max(1, min(self.config.downsample, min(h, w) // _MIN_SMALL_SIDE))
         small = _reduce(image, f)
+        # Block averaging divides the noise, not a real contrast: compare
+        # against the threshold scaled the same way.
         flat = float(small.std()) < _FLAT_STD / f
-        prep = Prepared(view, small, f, flat)
+        prep = Prepared(view, small, f, flat, self.config)
         if not flat:
-            self._spectrum(prep, small.shape)
+            self._coarse_spectrum(prep, f, small.shape)
         return prep
 
     def register(
@@ -283,7 +330,7 @@ class Registrar:
         Parameters
         ----------
         ref, mov : Prepared
-            Frames from :meth:`prepare` (any shapes).
+            Frames from this registrar's :meth:`prepare` (any shapes).
         predicted : (dx, dy) or None
             Expected shift in pixels (motion model); breaks ties between
             similar candidates and centres the search region.
@@ -296,34 +343,44 @@ class Registrar:
         -------
         Shift
             ``ok=False`` when no trustworthy translation was found.
+
+        Raises
+        ------
+        RegistrationError
+            For frames prepared by a registrar with another configuration,
+            or a non-finite prediction.
         """
         cfg = self.config
-        if search_px is None:
-            search_px = cfg.search_px
+        for prep in (ref, mov):
+            if not isinstance(prep, Prepared) or prep.owner != cfg:
+                raise RegistrationError(
+                    "register: frames must come from prepare() of a registrar with this "
+                    "configuration"
+                )
         if predicted is not None:
             predicted = (float(predicted[0]), float(predicted[1]))
             if not all(math.isfinite(v) for v in predicted):
                 raise RegistrationError(f"register: predicted shift {predicted} is not finite")
-        if predicted is None:
+            if search_px is None:
+                search_px = cfg.search_px
+        else:
             search_px = None
+        if ref is mov:
+            return Shift(0.0, 0.0, 1.0, True, 1.0)
         if ref.flat or mov.flat:
             log.debug("register: blank frame, nothing to match")
             return self._failed(ref, mov, predicted)
-        factor = min(ref.factor, mov.factor)
-        candidates = self._coarse(ref, mov, factor, predicted, search_px)
+        candidates = self._coarse(ref, mov, predicted, search_px)
         if not candidates:
-            log.debug("register: no coarse candidate with enough overlap")
+            log.debug("register: no coarse candidate with enough overlap and correlation")
             return self._failed(ref, mov, predicted)
-        best: Shift | None = None
-        top = candidates[0].rank
-        for cand in candidates[:2]:
-            # A close runner-up (periodic lamellae) is settled at full resolution.
-            if cand is not candidates[0] and top - cand.rank > 0.1:
-                break
-            shift = self._fine(ref, mov, cand.dx, cand.dy, predicted, search_px)
-            if best is None or shift.score > best.score:
-                best = shift
-        assert best is not None  # noqa: S101
+        best = self._fine(ref, mov, candidates[0], predicted, search_px)
+        if len(candidates) > 1 and candidates[0].rank - candidates[1].rank < _RUNNER_UP:
+            # A close runner-up (repeated structure) is settled at full resolution.
+            other = self._fine(ref, mov, candidates[1], predicted, search_px)
+            distinct = math.hypot(other.dx - best.dx, other.dy - best.dy) > 1.0
+            if (distinct or not best.ok) and (other.ok, other.score) > (best.ok, best.score):
+                best = other
         return best
 
     # -- coarse stage --------------------------------------------------------
@@ -332,91 +389,102 @@ class Registrar:
         self,
         ref: Prepared,
         mov: Prepared,
-        factor: int,
         predicted: tuple[float, float] | None,
         search_px: float | None,
     ) -> list[_Candidate]:
-        """Candidate shifts (full-resolution pixels), best first."""
+        """Candidate shifts in full-resolution pixels, best first."""
         cfg = self.config
-        a = _small_at(ref, factor)
-        b = _small_at(mov, factor)
+        factor = min(ref.factor, mov.factor)
+        a, b = ref.small_at(factor), mov.small_at(factor)
         (ha, wa), (hb, wb) = a.shape, b.shape
         shape = (max(ha, hb), max(wa, wb))
-        sa = self._spectrum(ref, shape, factor)
-        sb = self._spectrum(mov, shape, factor)
-        bp = self._bandpass(shape, cfg.coarse_lowpass, cfg.highpass * factor, "coarse")
-        surface = _idft(_cross_power(sa, sb, bp, cfg.coarse_whiten))
+        cross = self._coarse_spectrum(ref, factor, shape) * np.conj(
+            self._coarse_spectrum(mov, factor, shape)
+        )
+        surface = _idft(cross)
         H, W = shape
         if predicted is not None and search_px is not None:
             slack = search_px / factor + 1.5
             px, py = predicted[0] / factor, predicted[1] / factor
             allow_y = _alias_mask(H, py, slack, -hb, ha)
             allow_x = _alias_mask(W, px, slack, -wb, wa)
-            surface = np.where(allow_y[:, None] & allow_x[None, :], surface, -np.inf)
-        peaks = _local_maxima(surface, 4 * cfg.peaks)
-        hf, wf = ref.shape
-        hm, wm = mov.shape
-        diag = math.hypot(max(wf, wm), max(hf, hm))
+            surface[~allow_y, :] = -np.inf
+            surface[:, ~allow_x] = -np.inf
+        diag = math.hypot(max(ref.shape[1], mov.shape[1]), max(ref.shape[0], mov.shape[0]))
         seen: set[tuple[int, int]] = set()
         out: list[_Candidate] = []
+
+        def consider(dx_s: int, dy_s: int, dx: float, dy: float) -> bool:
+            if (dx_s, dy_s) in seen:
+                return False
+            seen.add((dx_s, dy_s))
+            if _overlap(dx, dy, ref.shape, mov.shape) < cfg.min_overlap:
+                return False
+            rank = 0.0
+            if predicted is not None:
+                dist = math.hypot(dx - predicted[0], dy - predicted[1])
+                if search_px is not None and dist > search_px + 1.5 * factor:
+                    return False
+                rank = -cfg.prior_weight * min(dist / (0.5 * diag), 1.0)
+            ncc = _ncc(a, b, dx_s, dy_s)
+            out.append(_Candidate(dx, dy, ncc, ncc + rank))
+            return True
+
         n_peaks = 0
-        for py_i, px_i in peaks:
-            if n_peaks == cfg.peaks:
-                break
+        for py_i, px_i in _local_maxima(surface, 4 * cfg.peaks):
             oy, ox = _parabola_offset(surface, py_i, px_i)
-            any_alias = False
+            found = False
             for dy_s in (py_i, py_i - H):
                 for dx_s in (px_i, px_i - W):
-                    if (dx_s, dy_s) in seen:
-                        continue
-                    seen.add((dx_s, dy_s))
-                    dx = (dx_s + ox) * factor
-                    dy = (dy_s + oy) * factor
-                    if _overlap(dx, dy, ref.shape, mov.shape) < cfg.min_overlap:
-                        continue
-                    dist = math.inf
-                    if predicted is not None:
-                        dist = math.hypot(dx - predicted[0], dy - predicted[1])
-                        if search_px is not None and dist > search_px + 1.5 * factor:
-                            continue
-                    ncc = _ncc(a, b, dx_s, dy_s)
-                    rank = ncc
-                    if predicted is not None:
-                        rank -= cfg.prior_weight * min(dist / (0.5 * diag), 1.0)
-                    out.append(_Candidate(dx, dy, ncc, rank))
-                    any_alias = True
-            n_peaks += any_alias
+                    found |= consider(dx_s, dy_s, (dx_s + ox) * factor, (dy_s + oy) * factor)
+            n_peaks += found
+            if n_peaks == cfg.peaks:
+                break
+        if predicted is not None:
+            # The prediction itself competes: a small overlap can hide its peak
+            # among noise peaks, and the fine stage reaches a few pixels round it.
+            dx_s, dy_s = round(predicted[0] / factor), round(predicted[1] / factor)
+            consider(dx_s, dy_s, predicted[0], predicted[1])
         out.sort(key=lambda c: c.rank, reverse=True)
         return out
 
-    def _spectrum(
-        self, prep: Prepared, shape: tuple[int, int], factor: int | None = None
-    ) -> np.ndarray:
-        """Edge-treated spectrum of ``prep``'s low-resolution image padded to ``shape``."""
-        f = prep.factor if factor is None else factor
-        key = (f, shape[0], shape[1]) if f != prep.factor else shape
-        cached = prep._spectra.get(key)  # type: ignore[call-overload]
-        if cached is not None:
-            return cached
-        small = _small_at(prep, f)
-        spec = self._edge_spectrum(small, shape)
-        prep._spectra[key] = spec  # type: ignore[index]
+    def _coarse_spectrum(self, prep: Prepared, factor: int, shape: tuple[int, int]) -> np.ndarray:
+        """Whitened, filtered spectrum of ``prep`` reduced ``factor`` times, ``shape`` transform.
+
+        Stored as ``phase * sqrt(weight)``, so that the product of two
+        frames' spectra is directly the filtered cross-power spectrum.
+        """
+        key = (factor, shape[0], shape[1])
+        spec = prep._spectra.get(key)
+        if spec is not None:
+            return spec
+        cfg = self.config
+        small = prep.small_at(factor)
+        if small.shape == shape:
+            spec = _periodic_spectrum(small)
+        else:
+            # Padding (frames of different sizes) needs a window: zeros around
+            # a periodic component would make new edges.
+            padded = np.zeros(shape, np.float32)
+            padded[: small.shape[0], : small.shape[1]] = small * self._window(small.shape, "hann")
+            spec = _dft(padded)
+        spec = _whiten(spec, cfg.coarse_whiten)
+        spec *= self._coarse_weight(shape, factor)
+        prep._spectra[key] = spec
         return spec
 
-    def _edge_spectrum(self, img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Complex spectrum of ``img`` (zero mean float32) with its edges neutralised."""
-        edges = self.config.edges
-        if img.shape == shape and edges == "periodic":
-            return _periodic_spectrum(img)
-        if edges == "none" and img.shape == shape:
-            return _dft(img)
-        # Padding (frames of different sizes) needs a window: zeros around a
-        # periodic component would make new edges.
-        kind = "hann" if edges in ("periodic", "none") else edges
-        win = self._window(img.shape, kind)
-        out = np.zeros(shape, np.float32)
-        out[: img.shape[0], : img.shape[1]] = img * win
-        return _dft(out)
+    def _coarse_weight(self, shape: tuple[int, int], factor: int) -> np.ndarray:
+        """Square root of the coarse band-pass weight (one factor per frame)."""
+        key = (f"coarse{factor}", shape[0], shape[1])
+        weight = self._filters.get(key)
+        if weight is None:
+            cfg = self.config
+            fy = np.fft.fftfreq(shape[0])[:, None]
+            fx = np.fft.fftfreq(shape[1])[None, :]
+            weight = np.sqrt(_bandpass(fx**2 + fy**2, cfg.coarse_lowpass, cfg.highpass * factor))
+            weight = weight.astype(np.float32)
+            self._filters[key] = weight
+        return weight
 
     # -- fine stage ----------------------------------------------------------
 
@@ -424,92 +492,141 @@ class Registrar:
         self,
         ref: Prepared,
         mov: Prepared,
-        dx: float,
-        dy: float,
+        cand: _Candidate,
         predicted: tuple[float, float] | None,
         search_px: float | None,
     ) -> Shift:
+        """Refine a coarse candidate at full resolution and score it."""
         cfg = self.config
-        ix, iy = round(dx), round(dy)
+        ix, iy = round(cand.dx), round(cand.dy)
         (hr, wr), (hm, wm) = ref.shape, mov.shape
         x0, x1 = max(0, ix), min(wr, ix + wm)
         y0, y1 = max(0, iy), min(hr, iy + hm)
         win_w = _fft_size_at_most(min(cfg.fine_window, x1 - x0))
         win_h = _fft_size_at_most(min(cfg.fine_window, y1 - y0))
-        fx, fy = dx, dy
-        if win_w >= 16 and win_h >= 16:
+        res = None
+        if win_w >= _MIN_WINDOW and win_h >= _MIN_WINDOW:
             cx = x0 + (x1 - x0 - win_w) // 2
             cy = y0 + (y1 - y0 - win_h) // 2
             ra = ref.image[cy : cy + win_h, cx : cx + win_w]
             ma = mov.image[cy - iy : cy - iy + win_h, cx - ix : cx - ix + win_w]
             res = self._residual(ra, ma, max(ref.factor, mov.factor) + 2)
-            if res is not None:
-                fx, fy = ix + res[0], iy + res[1]
+        refined = res is not None
+        fx, fy = (ix + res[0], iy + res[1]) if res is not None else (cand.dx, cand.dy)
+        rx, ry = round(fx), round(fy)
+        if rx == 0 and ry == 0 and np.array_equal(ref.image, mov.image):
+            # A repeated frame: say so exactly rather than to float rounding.
+            return Shift(0.0, 0.0, 1.0, True, 1.0)
+        score = _ncc(ref.image, mov.image, rx, ry)
         ov = _overlap(fx, fy, ref.shape, mov.shape)
-        score = _ncc(ref.image, mov.image, round(fx), round(fy))
-        if score >= cfg.min_score and round(fx) == 0 and round(fy) == 0:
-            if ref.image.shape == mov.image.shape and np.array_equal(ref.image, mov.image):
-                # A repeated frame: the correlation is exactly symmetric, say so exactly.
-                return Shift(0.0, 0.0, 1.0, True, 1.0)
-        ok = score >= cfg.min_score and ov >= cfg.min_overlap
+        ok = refined and score >= cfg.min_score and ov >= cfg.min_overlap
         if ok and predicted is not None and search_px is not None:
             ok = math.hypot(fx - predicted[0], fy - predicted[1]) <= search_px + 1.0
+        if not ok:
+            log.debug(
+                "register: rejected (%.2f, %.2f): score %.3f, overlap %.3f, refined %s",
+                fx, fy, score, ov, refined,
+            )  # fmt: skip
         return Shift(float(fx), float(fy), float(score), bool(ok), float(ov))
 
     def _residual(self, ra: np.ndarray, ma: np.ndarray, reach: int) -> tuple[float, float] | None:
-        """Sub-pixel shift of window ``ma`` against ``ra`` (same shape), within +-``reach`` px."""
+        """Sub-pixel shift ``(dx, dy)`` of window ``ma`` against ``ra`` (same shape), px.
+
+        Only the filter's pass band is kept (frequencies where its weight
+        exceeds ~0.2 %), so every step after the two forward transforms works
+        on a fraction of the spectrum; the correlation is evaluated by
+        matrix-multiply DFT on the ``+-reach`` grid of whole-pixel shifts
+        only, then refined.  None when the peak lies outside that grid.
+        """
         cfg = self.config
         h, w = ra.shape
-        a = ra.astype(np.float32)
-        b = ma.astype(np.float32)
-        a -= float(a.mean())
-        b -= float(b.mean())
-        sa = self._edge_spectrum(a, (h, w))
-        sb = self._edge_spectrum(b, (h, w))
-        bp = self._bandpass((h, w), cfg.fine_lowpass, cfg.highpass, "fine")
-        cross = _cross_power(sa, sb, bp, cfg.fine_whiten)
-        surface = _idft(cross)
-        r = min(reach, h // 2 - 1, w // 2 - 1)
-        rows = np.r_[0 : r + 1, h - r : h]
-        cols = np.r_[0 : r + 1, w - r : w]
-        patch = surface[np.ix_(rows, cols)]
-        k = int(np.argmax(patch))
-        py, px = int(rows[k // len(cols)]), int(cols[k % len(cols)])
-        if cfg.subpixel == "dft":
-            oy, ox = _parabola_offset(surface, py, px)
-            sy, sx = _dft_peak(cross, py + oy, px + ox)
-        elif cfg.subpixel == "gauss":
-            oy, ox = _gauss_offset(surface, py, px)
-            sy, sx = py + oy, px + ox
+        band = self._band(h, w)
+        sa = self._band_spectrum(ra, band)
+        sb = self._band_spectrum(ma, band)
+        cross = _whiten(sa * np.conj(sb), cfg.fine_whiten)
+        cross *= band.weight
+        # One pixel beyond the reach, so that a peak inside it has both
+        # neighbours for the sub-pixel fit.
+        r = min(reach, h // 2 - 2, w // 2 - 2) + 1
+        full = np.zeros((h, w), np.complex64)
+        (r0, r1), (c0, c1) = band.rows, band.cols
+        ny, nx = r0.stop, c0.stop
+        full[r0, c0] = cross[:ny, :nx]
+        full[r0, c1] = cross[:ny, nx:]
+        full[r1, c0] = cross[ny:, :nx]
+        full[r1, c1] = cross[ny:, nx:]
+        surface = _idft(full)
+        # The +-r neighbourhood of zero shift, rolled so that shift -r is at index 0.
+        rows = np.r_[h - r : h, 0 : r + 1]
+        cols = np.r_[w - r : w, 0 : r + 1]
+        grid = surface[np.ix_(rows, cols)]
+        k = int(np.argmax(grid))
+        iy, ix = divmod(k, grid.shape[1])
+        if not (0 < iy < 2 * r and 0 < ix < 2 * r):
+            return None  # the peak is at or beyond the reach: not this candidate's
+        if cfg.subpixel == "gauss":
+            oy, ox = _gauss_offset(grid, iy, ix)
         else:
-            oy, ox = _parabola_offset(surface, py, px)
-            sy, sx = py + oy, px + ox
-        sy = sy - h if sy > h / 2 else sy
-        sx = sx - w if sx > w / 2 else sx
-        if abs(sx) > reach + 1 or abs(sy) > reach + 1:
+            oy, ox = _parabola_offset(grid, iy, ix)
+        sy, sx = iy - r + oy, ix - r + ox
+        if cfg.subpixel == "dft":
+            sy, sx = _dft_peak(cross, band.ky, band.kx, sy, sx)
+        if abs(sx) > r - 0.5 or abs(sy) > r - 0.5:
             return None
         return float(sx), float(sy)
+
+    def _band_spectrum(self, crop: np.ndarray, band: _Band) -> np.ndarray:
+        """Pass-band block of the edge-treated spectrum of a full-resolution window."""
+        edges = self.config.fine_edges
+        img = crop.astype(np.float32)
+        if edges in ("hann", "tukey"):
+            img -= float(img.mean())  # a windowed mean leaks into low frequencies
+            img *= self._window(img.shape, edges)
+        full = _dft_view(img)
+        (r0, r1), (c0, c1) = band.rows, band.cols
+        spec = np.block([[full[r0, c0], full[r0, c1]], [full[r1, c0], full[r1, c1]]])
+        if edges == "periodic":
+            jump_rows = np.fft.fft(img[-1, :] - img[0, :])[band.fx]
+            jump_cols = np.fft.fft(img[:, -1] - img[:, 0])[band.fy]
+            spec -= jump_rows.astype(np.complex64)[None, :] * band.gy
+            spec -= jump_cols.astype(np.complex64)[:, None] * band.gx
+        return spec
+
+    def _band(self, h: int, w: int) -> _Band:
+        """Frequencies of an ``h`` x ``w`` spectrum inside the fine pass band (cached)."""
+        band = self._bands.get((h, w))
+        if band is not None:
+            return band
+        cfg = self.config
+        fmax = min(0.5, _BAND_SIGMAS * cfg.fine_lowpass)
+        ny, nx = min(int(fmax * h), (h - 1) // 2), min(int(fmax * w), (w - 1) // 2)
+        # Frequencies 0..n and -n..-1: two slices of the unshifted spectrum.
+        rows = (slice(0, ny + 1), slice(h - ny, h))
+        cols = (slice(0, nx + 1), slice(w - nx, w))
+        fy = np.r_[0 : ny + 1, h - ny : h]
+        fx = np.r_[0 : nx + 1, w - nx : w]
+        freq_y, freq_x = np.fft.fftfreq(h)[fy], np.fft.fftfreq(w)[fx]
+        f2 = freq_y[:, None] ** 2 + freq_x[None, :] ** 2
+        gy, gx = _smooth_factors(h, w)
+        band = _Band(
+            rows=rows,
+            cols=cols,
+            ky=(2 * np.pi * freq_y).astype(np.float32),
+            kx=(2 * np.pi * freq_x).astype(np.float32),
+            weight=_bandpass(f2, cfg.fine_lowpass, cfg.highpass).astype(np.float32),
+            gy=np.ascontiguousarray(gy[np.ix_(fy, fx)]),
+            gx=np.ascontiguousarray(gx[np.ix_(fy, fx)]),
+            fy=fy,
+            fx=fx,
+        )
+        self._bands[(h, w)] = band
+        return band
 
     # -- helpers -------------------------------------------------------------
 
     def _failed(self, ref: Prepared, mov: Prepared, predicted: tuple[float, float] | None) -> Shift:
         dx, dy = predicted if predicted is not None else (0.0, 0.0)
         return Shift(dx, dy, 0.0, False, _overlap(dx, dy, ref.shape, mov.shape))
-
-    def _bandpass(self, shape: tuple[int, int], low: float, high: float, tag: str) -> np.ndarray:
-        """Band-pass weight of a full complex spectrum ``shape`` (cycles per pixel)."""
-        key = (f"{tag}:{low}:{high}", shape[0], shape[1])
-        bp = self._filters.get(key)
-        if bp is None:
-            fy = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
-            fx = np.fft.fftfreq(shape[1]).astype(np.float32)[None, :]
-            f2 = fx * fx + fy * fy
-            bp = np.exp(-f2 / np.float32(2 * low * low))
-            if high > 0:
-                bp *= 1.0 - np.exp(-f2 / np.float32(2 * high * high))
-            bp = bp.astype(np.float32)
-            self._filters[key] = bp
-        return bp
 
     def _window(self, shape: tuple[int, int], kind: str) -> np.ndarray:
         key = (kind, shape[0], shape[1])
@@ -527,7 +644,7 @@ class Registrar:
 
 
 def _reduce(image: np.ndarray, f: int) -> np.ndarray:
-    """Area-average ``f`` x ``f`` blocks (the partial last ones dropped), zero mean float32.
+    """Average ``f`` x ``f`` blocks (partial last ones dropped), zero mean float32 ``(y, x)``.
 
     Dropping the partial blocks keeps the low-resolution grid aligned with
     the full one: low-resolution pixel ``j`` covers pixels ``f*j .. f*j+f-1``.
@@ -536,8 +653,8 @@ def _reduce(image: np.ndarray, f: int) -> np.ndarray:
     hs, ws = h // f, w // f
     img = image[: hs * f, : ws * f]
     if f & (f - 1) == 0:
-        # Halving with bilinear sampling at exact 2x averages 2 x 2 blocks,
-        # and is several times faster than INTER_AREA.
+        # Bilinear sampling at exactly half size averages 2 x 2 blocks, and
+        # repeated halving is ~7x faster than INTER_AREA here.
         while f > 1:
             f //= 2
             img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), cv2.INTER_LINEAR)
@@ -548,52 +665,78 @@ def _reduce(image: np.ndarray, f: int) -> np.ndarray:
     return small
 
 
-def _small_at(prep: Prepared, f: int) -> np.ndarray:
-    if f == prep.factor:
-        return prep.small
-    key = (-f, 0)  # a reduced image at another factor, cached beside the spectra
-    cached = prep._spectra.get(key)
-    if cached is None:
-        cached = _reduce(prep.image, f)
-        prep._spectra[key] = cached
-    return cached
-
-
-def _dft(img: np.ndarray) -> np.ndarray:
+def _dft_view(img: np.ndarray) -> np.ndarray:
+    """Complex spectrum of a float32 image, as a complex64 view of OpenCV's buffer."""
     out = cv2.dft(np.ascontiguousarray(img, dtype=np.float32), flags=cv2.DFT_COMPLEX_OUTPUT)
-    # A fresh contiguous complex array: numpy's matrix products on OpenCV's
-    # buffer viewed as complex run three times slower.
-    spec: np.ndarray = out.view(np.complex64)[..., 0].copy()
+    spec: np.ndarray = out.view(np.complex64)[..., 0]
     return spec
 
 
+def _dft(img: np.ndarray) -> np.ndarray:
+    # A fresh complex array: numpy's arithmetic and matrix products on
+    # OpenCV's buffer viewed as complex run up to three times slower.
+    return _dft_view(img).copy()
+
+
 def _idft(spec: np.ndarray) -> np.ndarray:
+    """Real inverse transform of a (Hermitian) complex spectrum, scaled."""
     packed = np.ascontiguousarray(spec, dtype=np.complex64)[..., None].view(np.float32)
     out: np.ndarray = cv2.idft(packed, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)
+    return out
+
+
+def _whiten(spec: np.ndarray, power: float) -> np.ndarray:
+    """``spec / |spec| ** power`` (in place), with a floor that keeps empty bins at zero."""
+    if power <= 0:
+        return spec
+    mag = np.abs(spec)
+    mag += np.float32(1e-6 * float(mag.mean()) + 1e-30)
+    if power == 0.5:
+        np.sqrt(mag, out=mag)
+    elif power != 1.0:
+        np.power(mag, np.float32(power), out=mag)
+    spec /= mag
+    return spec
+
+
+def _bandpass(f2: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Gaussian low-pass ``low`` times Gaussian high-pass ``high`` (sigmas, cycles per px).
+
+    ``f2`` is the squared radial frequency in cycles per pixel.
+    """
+    weight = np.exp(-f2 / (2 * low * low))
+    if high > 0:
+        weight *= 1.0 - np.exp(-f2 / (2 * high * high))
+    out: np.ndarray = weight
     return out
 
 
 def _periodic_spectrum(img: np.ndarray) -> np.ndarray:
     """Spectrum of the periodic component of ``img`` (Moisan's periodic + smooth split).
 
-    The smooth component carries the jumps between opposite edges that a
+    The smooth component carries the jumps between opposite edges, which a
     DFT sees as sharp edges (a cross of false energy through the origin);
     removing it spares a window, which would silence the frame borders where
-    a narrow overlap lies.  The boundary image is non-zero on its border only,
-    so its spectrum is assembled from two 1-D transforms.
+    a narrow overlap lies.  The boundary image is non-zero on its border
+    only, so its spectrum comes from two 1-D transforms.
     """
     h, w = img.shape
-    jump_rows = (img[-1, :] - img[0, :]).astype(np.complex64)  # v[0, :], and -v[-1, :]
-    jump_cols = (img[:, -1] - img[:, 0]).astype(np.complex64)  # v[:, 0], and -v[:, -1]
     gy, gx = _smooth_factors(h, w)
-    smooth = np.fft.fft(jump_rows)[None, :] * gy
-    smooth += np.fft.fft(jump_cols)[:, None] * gx
-    return _dft(img) - smooth
+    spec = _dft(img)
+    spec -= np.fft.fft(img[-1, :] - img[0, :]).astype(np.complex64)[None, :] * gy
+    spec -= np.fft.fft(img[:, -1] - img[:, 0]).astype(np.complex64)[:, None] * gx
+    return spec
 
 
 @functools.lru_cache(maxsize=16)
 def _smooth_factors(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(1 - e^{2 pi i ky / h}) / D`` and ``(1 - e^{2 pi i kx / w}) / D``, ``D`` the Laplacian symbol."""
+    """Spectra of the smooth component per unit row / column jump (complex64 ``(h, w)``).
+
+    With ``D = 2 cos(ky) + 2 cos(kx) - 4`` (the discrete Laplacian), the
+    smooth component of jumps ``r`` (last row minus first) and ``c`` (last
+    column minus first) has spectrum ``R(kx) gy + C(ky) gx`` with
+    ``gy = (1 - e^{i ky}) / D`` and ``gx = (1 - e^{i kx}) / D``.
+    """
     ky = 2 * np.pi * np.fft.fftfreq(h)[:, None]
     kx = 2 * np.pi * np.fft.fftfreq(w)[None, :]
     denom = 2 * np.cos(kx) + 2 * np.cos(ky) - 4
@@ -605,37 +748,18 @@ def _smooth_factors(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tukey(n: int, taper: float = 0.25) -> np.ndarray:
+    """Tukey window of ``n`` points, cosine tapers over ``taper / 2`` at each end."""
     x = np.arange(n, dtype=np.float64) / max(n - 1, 1)
     w = np.ones(n)
     edge = taper / 2
-    lo = x < edge
-    hi = x > 1 - edge
+    lo, hi = x < edge, x > 1 - edge
     w[lo] = 0.5 * (1 - np.cos(np.pi * x[lo] / edge))
     w[hi] = 0.5 * (1 - np.cos(np.pi * (1 - x[hi]) / edge))
     return w
 
 
-def _cross_power(sa: np.ndarray, sb: np.ndarray, bp: np.ndarray, whiten: float) -> np.ndarray:
-    """Band-passed, (partly) whitened cross-power spectrum of ``a`` and ``b``.
-
-    Its inverse transform peaks at the shift of ``b`` relative to ``a``
-    (``b[y, x] = a[y + dy, x + dx]``).
-    """
-    cross = sa * np.conj(sb)
-    if whiten > 0:
-        mag = np.abs(cross)
-        mag += np.float32(1e-6 * float(mag.mean()) + 1e-20)
-        if whiten == 0.5:
-            np.sqrt(mag, out=mag)
-        elif whiten != 1.0:
-            np.power(mag, np.float32(whiten), out=mag)
-        cross /= mag
-    cross *= bp
-    return cross
-
-
 def _alias_mask(n: int, centre: float, slack: float, lo: int, hi: int) -> np.ndarray:
-    """Surface indices 0..n-1 with an alias ``i + k*n`` in ``centre +- slack`` and ``(lo, hi)``."""
+    """Indices ``0..n-1`` with an alias ``i + k n`` within ``centre +- slack`` and in ``(lo, hi)``."""
     idx = np.arange(n, dtype=np.float64)
     mask = np.zeros(n, bool)
     k_lo = math.floor((min(centre - slack, lo) - n) / n)
@@ -647,11 +771,9 @@ def _alias_mask(n: int, centre: float, slack: float, lo: int, hi: int) -> np.nda
 
 
 def _local_maxima(surface: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """Up to ``count`` strongest 3x3 local maxima of ``surface`` (wrap-around), strongest first."""
-    padded = np.pad(surface, 1, mode="wrap")
-    dil = cv2.dilate(padded, np.ones((3, 3), np.uint8))[1:-1, 1:-1]
-    finite = np.isfinite(surface)
-    idx = np.flatnonzero((surface >= dil) & finite)
+    """Up to ``count`` strongest 3 x 3 local maxima ``(y, x)`` of ``surface``, strongest first."""
+    dil = cv2.dilate(surface, np.ones((3, 3), np.uint8))
+    idx = np.flatnonzero((surface >= dil) & np.isfinite(surface))
     if idx.size == 0:
         return []
     vals = surface.ravel()[idx]
@@ -664,7 +786,7 @@ def _local_maxima(surface: np.ndarray, count: int) -> list[tuple[int, int]]:
 
 
 def _parabola_offset(surface: np.ndarray, py: int, px: int) -> tuple[float, float]:
-    """3-point parabola vertex per axis around ``(py, px)`` (wrap-around), within +-0.5."""
+    """3-point parabola vertex ``(oy, ox)`` per axis around ``(py, px)``, wrapping, within +-0.5."""
     h, w = surface.shape
     c = float(surface[py, px])
 
@@ -680,7 +802,7 @@ def _parabola_offset(surface: np.ndarray, py: int, px: int) -> tuple[float, floa
 
 
 def _gauss_offset(surface: np.ndarray, py: int, px: int) -> tuple[float, float]:
-    """3-point Gaussian (log-parabola) vertex per axis; parabola where values are not positive."""
+    """3-point Gaussian (log-parabola) vertex per axis; the parabola's where values are <= 0."""
     h, w = surface.shape
     c = float(surface[py, px])
     fallback = _parabola_offset(surface, py, px)
@@ -699,28 +821,32 @@ def _gauss_offset(surface: np.ndarray, py: int, px: int) -> tuple[float, float]:
     return oy, ox
 
 
-def _dft_peak(cross: np.ndarray, y: float, x: float) -> tuple[float, float]:
-    """Maximise the DFT interpolation of ``ifft2(cross)`` from ``(y, x)`` by Newton steps.
+def _dft_peak(
+    cross: np.ndarray, ky: np.ndarray, kx: np.ndarray, y: float, x: float
+) -> tuple[float, float]:
+    """Maximise the DFT interpolation of a correlation spectrum from ``(y, x)`` (Newton).
 
-    ``s(y, x) = Re sum_k cross[k] exp(2 pi i (ky y / h + kx x / w))`` is the
-    band-limited surface the discrete one samples; its maximum is the exact
-    centre of a symmetric peak whatever the peak's shape (which a parabola
-    or Gaussian fit only approximates).  Each step costs a few matrix-vector
-    products, no transform.
+    ``s(y, x) = Re sum_ij cross[i, j] exp(i (ky[i] y + kx[j] x))`` (angular
+    frequencies in radians per pixel) is the band-limited surface the
+    discrete one samples; its maximum is the exact centre of a symmetric
+    peak whatever the peak's shape, which a parabola or Gaussian fit only
+    approximates.  Each step costs a few matrix-vector products.
     """
-    h, w = cross.shape
-    ky = (2 * np.pi * np.fft.fftfreq(h)).astype(np.float32)
-    kx = (2 * np.pi * np.fft.fftfreq(w)).astype(np.float32)
     y0, x0 = y, x
     for _ in range(_NEWTON_STEPS):
         ex = np.exp(1j * kx * np.float32(x)).astype(np.complex64)
         ey = np.exp(1j * ky * np.float32(y)).astype(np.complex64)
-        basis = np.stack([ex, 1j * kx * ex, -(kx * kx) * ex], axis=1)
-        u = cross @ basis  # (h, 3)
-        vy = np.stack([ey, 1j * ky * ey, -(ky * ky) * ey], axis=0)  # (3, h)
-        m = (vy @ u).real  # m[i, j]: i-th y derivative, j-th x derivative
-        gx, gy = float(m[0, 1]), float(m[1, 0])
-        hxx, hyy, hxy = float(m[0, 2]), float(m[2, 0]), float(m[1, 1])
+        # Sums over x of cross * ex and of its first two x derivatives, then
+        # over y likewise; elementwise, because a BLAS product here collides
+        # with OpenCV's threads (see _residual).
+        p = cross * ex[None, :]
+        u = (p.sum(axis=1), (p * (1j * kx)).sum(axis=1), (p * -(kx * kx)).sum(axis=1))
+        vy = (ey, 1j * ky * ey, -(ky * ky) * ey)
+        # m[i][j]: the i-th y and j-th x derivative of s at (y, x).
+        m = [[float((vy[i] * u[j]).sum().real) for j in range(3)] for i in range(2)]
+        m.append([float((vy[2] * u[0]).sum().real)])
+        gx, gy = m[0][1], m[1][0]
+        hxx, hyy, hxy = m[0][2], m[2][0], m[1][1]
         det = hxx * hyy - hxy * hxy
         if not (hxx < 0 and det > 0):
             break  # not in a maximum's basin: keep the last point
@@ -728,10 +854,10 @@ def _dft_peak(cross: np.ndarray, y: float, x: float) -> tuple[float, float]:
         step_y = -(hxx * gy - hxy * gx) / det
         x += float(np.clip(step_x, -0.5, 0.5))
         y += float(np.clip(step_y, -0.5, 0.5))
-        if abs(step_x) < 1e-4 and abs(step_y) < 1e-4:
+        if abs(step_x) < 1e-3 and abs(step_y) < 1e-3:
             break
     if abs(x - x0) > 1.0 or abs(y - y0) > 1.0:
-        return y0, x0  # wandered off to another peak: trust the start
+        return y0, x0  # wandered off towards another peak: keep the start
     return y, x
 
 
@@ -739,8 +865,8 @@ def _ncc(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
     """Zero-mean NCC of ``a`` and ``b`` on their overlap when ``b`` sits at ``(dx, dy)`` in ``a``.
 
     ``b[y, x]`` is compared with ``a[y + dy, x + dx]``; shapes may differ.
-    The cross term comes from ``|a|^2 + |b|^2 - |a - b|^2``: three OpenCV
-    norms on the raw pixels, with no float copy of the overlap.
+    The cross term comes from ``|a|^2 + |b|^2 - |a - b|^2``, so the overlap
+    is read by three OpenCV reductions and never copied.
     """
     ha, wa = a.shape
     hb, wb = b.shape
@@ -750,19 +876,13 @@ def _ncc(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
         return 0.0
     pa = a[y0:y1, x0:x1]
     pb = b[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-    ma, sa = cv2.meanStdDev(pa)
-    mb, sb = cv2.meanStdDev(pb)
-    sa_f, sb_f = float(sa[0, 0]), float(sb[0, 0])
-    if sa_f < 1e-3 or sb_f < 1e-3:
+    ma, sa = (float(v[0, 0]) for v in cv2.meanStdDev(pa))
+    mb, sb = (float(v[0, 0]) for v in cv2.meanStdDev(pb))
+    if sa < 1e-3 or sb < 1e-3:
         return 0.0
-    n = pa.size
-    cross = 0.5 * (
-        cv2.norm(pa, cv2.NORM_L2SQR)
-        + cv2.norm(pb, cv2.NORM_L2SQR)
-        - cv2.norm(pa, pb, cv2.NORM_L2SQR)
-    )
-    cov = cross / n - float(ma[0, 0]) * float(mb[0, 0])
-    return float(np.clip(cov / (sa_f * sb_f), -1.0, 1.0))
+    # mean(a b) = (mean(a^2) + mean(b^2) - mean((a - b)^2)) / 2
+    mean_ab = 0.5 * (sa * sa + ma * ma + sb * sb + mb * mb - cv2.norm(pa, pb, cv2.NORM_L2SQR) / pa.size)
+    return float(np.clip((mean_ab - ma * mb) / (sa * sb), -1.0, 1.0))
 
 
 def _overlap(dx: float, dy: float, shape_a: tuple[int, int], shape_b: tuple[int, int]) -> float:
@@ -774,19 +894,13 @@ def _overlap(dx: float, dy: float, shape_a: tuple[int, int], shape_b: tuple[int,
 
 
 _SMOOTH_SIZES = sorted(
-    {2**a * 3**b * 5**c for a in range(1, 14) for b in range(0, 8) for c in range(0, 6)}
+    {2**i * 3**j * 5**k for i in range(1, 14) for j in range(8) for k in range(6)}
 )
 
 
 def _fft_size_at_most(n: int) -> int:
-    """Largest even 5-smooth size <= ``n`` (fast DFT), or ``n`` when below 16."""
-    if n < 16:
+    """Largest even 5-smooth size <= ``n`` (a fast DFT size), or ``n`` below 16."""
+    if n < _MIN_WINDOW:
         return n
-    lo, hi = 0, len(_SMOOTH_SIZES)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _SMOOTH_SIZES[mid] <= n:
-            lo = mid + 1
-        else:
-            hi = mid
-    return _SMOOTH_SIZES[lo - 1]
+    i = int(np.searchsorted(_SMOOTH_SIZES, n, side="right"))
+    return _SMOOTH_SIZES[i - 1]

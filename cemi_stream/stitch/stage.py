@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import Counter, defaultdict
@@ -135,6 +136,48 @@ class Assembler:
             self.canvas.flush(keep)
 
 
+class RenderWorker:
+    """Runs an :class:`Assembler` in its own thread.
+
+    Registration (the caller's thread) and rendering overlap: numpy and
+    OpenCV release the GIL in their inner loops, so on two cores the stage
+    runs both at once.  Rendering is bursty - a whole row is rendered when
+    the next one is complete - and the bounded queue lets registration run
+    ahead by up to ``depth`` frames.
+    """
+
+    def __init__(self, assembler: Assembler, depth: int = 512) -> None:
+        self.assembler = assembler
+        self._queue: queue.Queue[tuple[Placement, np.ndarray] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="render", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.assembler.add(*item)
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def add(self, placement: Placement, image: np.ndarray) -> None:
+        """Queue one placed frame (blocks while the queue is full)."""
+        self._raise()
+        self._queue.put((placement, image))
+
+    def finish(self) -> dict[int, tuple[float, float]]:
+        """Drain the queue, then solve and render what is left."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+        return self.assembler.finish()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 def _bbox(points: list[tuple[float, float]], w: int, h: int) -> tuple[float, float, float, float]:
     xs = [p[0] for p in points]
     ys = [p[1] for p in points]
@@ -166,6 +209,7 @@ def run_stitch(
     registrar = Registrar(RegisterConfig(min_score=cfg.min_score))
     tracker: PathTracker | None = None
     assembler: Assembler | None = None
+    worker: RenderWorker | None = None
     journal = Journal(run_dir, fsync=cfg.journal_fsync)
     journal.open(truncate_to=len(journaled))
     timings: defaultdict[str, float] = defaultdict(float)
@@ -184,6 +228,7 @@ def run_stitch(
                     pixel_size_um=pixel_size_um, chunk=cfg.chunk_px, overwrite=True,
                 )  # fmt: skip
                 assembler = Assembler(canvas)
+                worker = RenderWorker(assembler)
             t0 = time.perf_counter()
             stage_px = _stage_px(frame.meta)
             if seq < len(journaled):
@@ -197,12 +242,14 @@ def run_stitch(
                 t1 = time.perf_counter()
                 journal.append(placement)
                 timings["journal"] += time.perf_counter() - t1
-            assembler.add(placement, frame.image)
+            if worker is None:  # pragma: no cover - created with the tracker
+                raise CemiError("stitch: render worker missing")
+            worker.add(placement, frame.image)
             summary.frames += 1
             bar.update(summary.frames, f"row {placement.row}")
-        if assembler is None or tracker is None:
+        if assembler is None or tracker is None or worker is None:
             raise CemiError(f"{run_dir}: the capture delivered no frames to stitch")
-        positions = assembler.finish()
+        positions = worker.finish()
         timings["render"] = assembler.render_s
         timings["solve"] = assembler.solve_s
         t0 = time.perf_counter()
