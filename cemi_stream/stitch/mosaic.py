@@ -59,9 +59,27 @@ exactly from the positions of the frames that touched the unit (weights
 depend on geometry only), the weighted sum is taken as stored value x weight
 sum, and blending carries on.  The result equals an uninterrupted blend up to
 the uint8 rounding of the earlier write (at most 0.5 grey level before the
-new frame's share).  A re-open reads one unit; it is counted and logged at
-debug level, since frequent re-opens mean the caller flushes too early.  Pass
-``reopen=False`` to make it an error instead.
+new frame's share; within 1 grey level of the reference composite, tested).
+A re-open costs one unit read and a small product, ~3.5 ms for a 1024 px unit;
+it is what lets the stitch stage flush everything but the rest of the current
+row (RAM: ~4 tiles, 32 MiB) and let the next row re-open the band it overlaps.
+Re-opens are counted (:attr:`MosaicInfo.units_reopened`) and logged at debug
+level.  Pass ``reopen=False`` to make them an error instead.  The bookkeeping
+this needs grows by ~60-80 bytes per frame (its position and unit list).
+
+Layout choice (``bench/bench_mosaic.py``, ``bench/results/mosaic.json``)
+----------------------------------------------------------------------
+Default: 1024 px chunks, no sharding, blosc-lz4 level 1.  On the 2-core
+machine, flushing cost ~2.0-2.5 ms per frame with 1024 px chunks against
+~4-5 ms with 512 px (more, smaller files) and ~1.5-2 ms with 2048 px, whose
+tiles take 4x the RAM (32 MiB each) and make each re-open 4x dearer.  lz4
+flushes as fast as no compression (fewer bytes to write) and stores simulated
+mosaics 2-2.6x smaller; zstd-1 is ~10 % smaller still but ~20 % slower.
+Sharding bought no speed and makes the RAM tile the whole shard.
+
+During :meth:`~MosaicCanvas.finalize` the group's state is ``finalizing``
+(:func:`open_mosaic` refuses it); if finalize fails midway, level-0 files not
+yet moved are in ``path/.finalize-units``.
 
 Not thread-safe: one writer (the stitch stage) per canvas.  Durability: the
 mosaic is derived data (the raw spool is the durable record), so nothing is
@@ -137,7 +155,9 @@ class MosaicInfo:
         Bytes of all chunk files of all levels.
     add_s, flush_s : float
         Total seconds spent in :meth:`MosaicCanvas.add` and
-        :meth:`MosaicCanvas.flush` (flush includes re-opens triggered by add).
+        :meth:`MosaicCanvas.flush`.
+    reopen_s : float
+        Part of ``add_s`` spent re-opening written units.
     finalize_s : float
         Seconds of :meth:`MosaicCanvas.finalize` (final flush included).
     relayout_s, pyramid_s : float
@@ -157,6 +177,7 @@ class MosaicInfo:
     stored_bytes: int
     add_s: float
     flush_s: float
+    reopen_s: float
     finalize_s: float
     relayout_s: float
     pyramid_s: float
@@ -287,8 +308,11 @@ class MosaicCanvas:
     shard : int or None
         Shard side in pixels (a multiple of ``chunk``) or None for no
         sharding.  With sharding the write unit (and RAM tile) is the shard.
-    compression : {"none", "zstd", "lz4"}
-        Chunk compression: none, zstd level 1, or blosc-lz4 level 1.
+    compression : {"lz4", "none", "zstd"}
+        Chunk compression: blosc-lz4 level 1 (default: writes as fast as no
+        compression here, as the smaller files cost less I/O, and 2-2.6x
+        smaller on simulated mosaics; ``bench/bench_mosaic.py``), none, or
+        zstd level 1 (~10 % smaller than lz4, ~20 % slower to flush).
     feather_px : float or None
         Width of the blending ramp in pixels; None = a quarter of the
         shorter frame side.
@@ -330,7 +354,7 @@ class MosaicCanvas:
         pixel_size_um: float | None = None,
         chunk: int = 1024,
         shard: int | None = None,
-        compression: Compression = "none",
+        compression: Compression = "lz4",
         feather_px: float | None = None,
         interpolation: Interpolation = "linear",
         reopen: bool = True,
@@ -388,6 +412,7 @@ class MosaicCanvas:
         self.max_tiles = 0
         self._add_s = 0.0
         self._flush_s = 0.0
+        self._reopen_s = 0.0
         self._info: MosaicInfo | None = None
 
         self._prepare_dir(overwrite)
@@ -605,15 +630,22 @@ class MosaicCanvas:
         u = self.unit
         h, w = self.frame_shape
         ty, tx = key
-        weight = np.zeros((u, u), np.float32)
-        for n in self._frames_in.get(key, ()):
+        # The weight sum is sum_i outer(ry_i, rx_i) over the frames i that touched
+        # the unit (ramps clipped to it, zero outside): one product Ry^T Rx.
+        # einsum, not matmul: multi-threaded BLAS stalled re-opens to 15-20 ms
+        # on the busy 2-core machine (its threads compete with zarr's and
+        # blosc's); einsum is single-threaded, ~1.3 ms for 10 frames.
+        frames = self._frames_in.get(key, array("q"))
+        ry = np.zeros((len(frames), u), np.float32)
+        rx = np.zeros((len(frames), u), np.float32)
+        for row, n in enumerate(frames):
             gx0, gy0, fx, fy = self._geometry(*self._pos[n])
             ramp_y, ramp_x = self._ramp(h, fy), self._ramp(w, fx)
             y0, x0 = max(gy0, ty * u), max(gx0, tx * u)
             y1, x1 = min(gy0 + len(ramp_y), (ty + 1) * u), min(gx0 + len(ramp_x), (tx + 1) * u)
-            part = np.multiply.outer(ramp_y[y0 - gy0 : y1 - gy0], ramp_x[x0 - gx0 : x1 - gx0])
-            dst = weight[y0 - ty * u : y1 - ty * u, x0 - tx * u : x1 - tx * u]
-            cv2.add(dst, part, dst=dst)
+            ry[row, y0 - ty * u : y1 - ty * u] = ramp_y[y0 - gy0 : y1 - gy0]
+            rx[row, x0 - tx * u : x1 - tx * u] = ramp_x[x0 - gx0 : x1 - gx0]
+        weight = np.einsum("ki,kj->ij", ry, rx, optimize=False)
         try:
             stored = np.asarray(self._array[ty * u : (ty + 1) * u, tx * u : (tx + 1) * u])
         except OSError as exc:
@@ -624,7 +656,7 @@ class MosaicCanvas:
         self._tiles[key] = (total, weight)
         self._written.discard(key)
         self.units_reopened += 1
-        self._flush_s += time.perf_counter() - t0
+        self._reopen_s += time.perf_counter() - t0
         log.debug("%s: re-opened written unit %s", self.path, key)
 
     # ------------------------------------------------------------------ writing
@@ -772,6 +804,7 @@ class MosaicCanvas:
             stored_bytes=stored,
             add_s=self._add_s,
             flush_s=self._flush_s,
+            reopen_s=self._reopen_s,
             finalize_s=time.perf_counter() - t0,
             relayout_s=t2 - t1,
             pyramid_s=t3 - t2,

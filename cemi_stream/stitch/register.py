@@ -12,13 +12,18 @@ as ~5 %), how far apart are they?  The estimate is made in two stages:
 2. **fine**, at full resolution on the overlap only: a window of bounded size
    cut from the overlap at the coarse shift, correlated in the filter's pass
    band with partial whitening (more precise under noise than pure phase
-   correlation), the correlation evaluated by matrix-multiply DFT on a small
-   grid of shifts around the coarse one, and its maximum located to
-   sub-pixel precision by Newton steps on the DFT interpolation itself.
+   correlation); the correlation peak is looked for within a few pixels of
+   the coarse shift and located to sub-pixel precision by Newton steps on
+   the DFT interpolation of the correlation itself (the limit of an
+   upsampled DFT; unbiased for any symmetric peak, where a parabola fitted to
+   three samples of a broad peak is not).
 
-The answer is scored by zero-mean NCC on the full-resolution overlap; an
-implausible one (too little overlap, a low score, outside the search
+The answer is scored by zero-mean NCC on the full-resolution overlap and
+checked by the NCC of the frames' fine detail (reduced, high-passed), which
+unrelated frames with large smooth structures cannot fake; an implausible
+answer (too little overlap, a low score or detail, outside the search
 region) comes back with ``ok=False`` rather than as a wrong translation.
+Measured accuracy and speed: ``bench/bench_register.py``.
 
 Convention (as in :mod:`cemi_stream.keyframes`): ``(dx, dy)`` is the top-left
 corner of ``mov`` minus that of ``ref`` in shared (mosaic) pixels, so
@@ -47,9 +52,15 @@ _MIN_SIDE = 16  # smallest frame side accepted, pixels
 _MIN_SMALL_SIDE = 16  # smallest low-resolution side the coarse stage works on
 _MIN_WINDOW = 16  # smallest fine-stage window side, pixels
 _FLAT_STD = 0.25  # grey levels: below this a frame has no usable contrast
-_BAND_SIGMAS = 3.5  # the fine pass band ends where the low-pass weight is ~0.2 %
-_NEWTON_STEPS = 3
+_BAND_SIGMAS = 3.0  # the fine pass band ends where the low-pass weight is ~1 %
+_NEWTON_STEPS = 3  # from a parabola's start on a 2-pixel grid: < 1e-3 px
 _RUNNER_UP = 0.1  # low-resolution NCC gap under which the second candidate is refined too
+_SURE = 0.5  # detail NCC of a clear match (unrelated frames: <= 0.19 measured)
+_DOMINANT = 0.5  # peaks below this fraction of the highest cannot rival a clear match
+_DETAIL_SIGMA = 1.5  # low-resolution pixels: the high-pass that makes the detail images
+# Detail NCC times sqrt(overlap pixels at low resolution): <= 11.9 measured
+# for 532 unrelated pairs, >= 29.8 for true matches with 5-30 % overlap.
+_DETAIL_Z = 18.0
 
 
 class RegistrationError(CemiError):
@@ -70,6 +81,11 @@ class RegisterConfig:
     search_px : float or None
         Default bound on the distance between the answer and the predicted
         shift, pixels; None searches every shift with enough overlap.
+    min_detail : float
+        Smallest NCC of the detail (high-passed, reduced) images on the
+        overlap accepted.  Coarse shapes (large grains, phases) correlate by
+        chance up to NCC ~0.45 on small overlaps of unrelated frames; their
+        detail does not (measured <= 0.19, against >= 0.5 for true matches).
     min_overlap : float
         Smallest overlap accepted, as a fraction of the smaller frame's area.
     peaks : int
@@ -105,6 +121,7 @@ class RegisterConfig:
     downsample: int = 4
     min_score: float = 0.3
     search_px: float | None = None
+    min_detail: float = 0.25
     min_overlap: float = 0.05
     peaks: int = 4
     fine_window: int = 256
@@ -127,6 +144,8 @@ class RegisterConfig:
             raise bad("downsample", "is outside 1..32")
         if not -1.0 <= self.min_score <= 1.0:
             raise bad("min_score", "is outside -1..1")
+        if not -1.0 <= self.min_detail <= 1.0:
+            raise bad("min_detail", "is outside -1..1")
         if self.search_px is not None and not self.search_px >= 0:
             raise bad("search_px", "must be >= 0 or None")
         if not 0.0 < self.min_overlap <= 1.0:
@@ -168,10 +187,13 @@ class Shift:
         (rounded to whole pixels), full resolution; 0 when nothing was found.
     ok : bool
         True when the estimate can be trusted: score >= ``min_score``,
-        overlap >= ``min_overlap``, inside the search region and refined to
-        sub-pixel precision.
+        detail >= ``min_detail``, overlap >= ``min_overlap``, inside the
+        search region and refined to sub-pixel precision.
     overlap : float
         Overlap area as a fraction of the smaller frame's area.
+    detail : float
+        NCC of the detail (high-passed, reduced) images on the overlap: the
+        check that fine structure agrees too.
     """
 
     dx: float
@@ -179,6 +201,7 @@ class Shift:
     score: float
     ok: bool
     overlap: float
+    detail: float = 0.0
 
 
 @dataclass(eq=False, slots=True)
@@ -195,21 +218,27 @@ class Prepared:
         do not modify the array it came from while it is in use).
     small : ndarray of float32
         The frame reduced ``factor`` times by block averaging, zero mean.
+    detail : ndarray of float32
+        ``small`` less its Gaussian blur: the fine structure that validates
+        a match (coarse shapes correlate by chance far too easily).
     factor : int
         Resolution divisor of ``small``.
     flat : bool
         True when the frame has no usable contrast (blank).
+    owner : RegisterConfig
+        Configuration of the registrar that prepared it.
     """
 
     image: np.ndarray
     small: np.ndarray
+    detail: np.ndarray
     factor: int
     flat: bool
     owner: RegisterConfig = field(repr=False)
     # Whitened, filtered low-resolution spectra keyed by (factor, height,
     # width) of the transform; frames of another size need another one.
     _spectra: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
-    _smalls: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _smalls: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -217,15 +246,16 @@ class Prepared:
         h, w = self.image.shape
         return int(h), int(w)
 
-    def small_at(self, factor: int) -> np.ndarray:
-        """The frame reduced ``factor`` times (cached), zero mean float32 ``(y, x)``."""
+    def small_at(self, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(small, detail)`` reduced ``factor`` times (cached), float32 ``(y, x)``."""
         if factor == self.factor:
-            return self.small
-        small = self._smalls.get(factor)
-        if small is None:
+            return self.small, self.detail
+        pair = self._smalls.get(factor)
+        if pair is None:
             small = _reduce(self.image, factor)
-            self._smalls[factor] = small
-        return small
+            pair = (small, _detail(small))
+            self._smalls[factor] = pair
+        return pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +277,7 @@ class _Band:
 class _Candidate:
     dx: float  # full-resolution pixels
     dy: float
-    ncc: float  # low-resolution NCC on the overlap
+    ncc: float  # low-resolution NCC of the detail images on the overlap
     rank: float  # ncc, less the prior's handicap
 
 
@@ -261,13 +291,12 @@ class Registrar:
 
     Notes
     -----
-    Not thread-safe (filters and DFT matrices are cached per size): use one
+    Not thread-safe (filters and pass bands are cached per size): use one
     instance per thread.
     """
 
-    def __init__(self, config: RegisterConfig | None = None) -> None:
-        if config is None:
-            config = RegisterConfig()
+    # A frozen dataclass: sharing the default instance is safe.
+    def __init__(self, config: RegisterConfig = RegisterConfig()) -> None:
         if not isinstance(config, RegisterConfig):
             raise ConfigError(f"register: config must be a RegisterConfig, not {config!r}")
         self.config = config
@@ -306,6 +335,8 @@ class Registrar:
             raise RegistrationError(
                 f"register: frame {w}x{h} is too small (at least {_MIN_SIDE} px per side)"
             )
+        if image.strides[1] != 1:
+            image = np.ascontiguousarray(image)  # OpenCV needs contiguous rows
         view = image.view()
         view.flags.writeable = False
         f = max(1, min(self.config.downsample, min(h, w) // _MIN_SMALL_SIDE))
@@ -313,7 +344,7 @@ class Registrar:
         # Block averaging divides the noise, not a real contrast: compare
         # against the threshold scaled the same way.
         flat = float(small.std()) < _FLAT_STD / f
-        prep = Prepared(view, small, f, flat, self.config)
+        prep = Prepared(view, small, _detail(small), f, flat, self.config)
         if not flat:
             self._coarse_spectrum(prep, f, small.shape)
         return prep
@@ -366,7 +397,7 @@ class Registrar:
         else:
             search_px = None
         if ref is mov:
-            return Shift(0.0, 0.0, 1.0, True, 1.0)
+            return Shift(0.0, 0.0, 1.0, True, 1.0, 1.0)
         if ref.flat or mov.flat:
             log.debug("register: blank frame, nothing to match")
             return self._failed(ref, mov, predicted)
@@ -395,7 +426,7 @@ class Registrar:
         """Candidate shifts in full-resolution pixels, best first."""
         cfg = self.config
         factor = min(ref.factor, mov.factor)
-        a, b = ref.small_at(factor), mov.small_at(factor)
+        a, b = ref.small_at(factor)[1], mov.small_at(factor)[1]
         (ha, wa), (hb, wb) = a.shape, b.shape
         shape = (max(ha, hb), max(wa, wb))
         cross = self._coarse_spectrum(ref, factor, shape) * np.conj(
@@ -431,7 +462,14 @@ class Registrar:
             return True
 
         n_peaks = 0
-        for py_i, px_i in _local_maxima(surface, 4 * cfg.peaks):
+        peaks = _local_maxima(surface, 4 * cfg.peaks)
+        for py_i, px_i in peaks:
+            if (
+                out
+                and max(c.ncc for c in out) >= _SURE
+                and (surface[py_i, px_i] < _DOMINANT * surface[peaks[0]])
+            ):
+                break  # a clear match already, and no peak left that could rival it
             oy, ox = _parabola_offset(surface, py_i, px_i)
             found = False
             for dy_s in (py_i, py_i - H):
@@ -459,9 +497,9 @@ class Registrar:
         if spec is not None:
             return spec
         cfg = self.config
-        small = prep.small_at(factor)
+        small = prep.small_at(factor)[0]
         if small.shape == shape:
-            spec = _periodic_spectrum(small)
+            spec = _periodic_spectrum(small, copy=False)
         else:
             # Padding (frames of different sizes) needs a window: zeros around
             # a periodic component would make new edges.
@@ -502,8 +540,7 @@ class Registrar:
         (hr, wr), (hm, wm) = ref.shape, mov.shape
         x0, x1 = max(0, ix), min(wr, ix + wm)
         y0, y1 = max(0, iy), min(hr, iy + hm)
-        win_w = _fft_size_at_most(min(cfg.fine_window, x1 - x0))
-        win_h = _fft_size_at_most(min(cfg.fine_window, y1 - y0))
+        win_w, win_h = _window_size(x1 - x0, y1 - y0, cfg.fine_window)
         res = None
         if win_w >= _MIN_WINDOW and win_h >= _MIN_WINDOW:
             cx = x0 + (x1 - x0 - win_w) // 2
@@ -516,27 +553,36 @@ class Registrar:
         rx, ry = round(fx), round(fy)
         if rx == 0 and ry == 0 and np.array_equal(ref.image, mov.image):
             # A repeated frame: say so exactly rather than to float rounding.
-            return Shift(0.0, 0.0, 1.0, True, 1.0)
+            return Shift(0.0, 0.0, 1.0, True, 1.0, 1.0)
         score = _ncc(ref.image, mov.image, rx, ry)
+        factor = min(ref.factor, mov.factor)
+        detail = _ncc(
+            ref.small_at(factor)[1], mov.small_at(factor)[1], round(fx / factor), round(fy / factor)
+        )
         ov = _overlap(fx, fy, ref.shape, mov.shape)
-        ok = refined and score >= cfg.min_score and ov >= cfg.min_overlap
+        # Chance agreement of detail shrinks as 1/sqrt(samples): a small
+        # overlap must show more of it to count.
+        n_small = ov * min(ref.shape[0] * ref.shape[1], mov.shape[0] * mov.shape[1]) / factor**2
+        min_detail = max(cfg.min_detail, _DETAIL_Z / math.sqrt(max(n_small, 1.0)))
+        ok = refined and score >= cfg.min_score and detail >= min_detail and ov >= cfg.min_overlap
         if ok and predicted is not None and search_px is not None:
             ok = math.hypot(fx - predicted[0], fy - predicted[1]) <= search_px + 1.0
         if not ok:
             log.debug(
-                "register: rejected (%.2f, %.2f): score %.3f, overlap %.3f, refined %s",
-                fx, fy, score, ov, refined,
+                "register: rejected (%.2f, %.2f): score %.3f, detail %.3f, overlap %.3f, "
+                "refined %s", fx, fy, score, detail, ov, refined,
             )  # fmt: skip
-        return Shift(float(fx), float(fy), float(score), bool(ok), float(ov))
+        return Shift(float(fx), float(fy), float(score), bool(ok), float(ov), float(detail))
 
     def _residual(self, ra: np.ndarray, ma: np.ndarray, reach: int) -> tuple[float, float] | None:
         """Sub-pixel shift ``(dx, dy)`` of window ``ma`` against ``ra`` (same shape), px.
 
         Only the filter's pass band is kept (frequencies where its weight
-        exceeds ~0.2 %), so every step after the two forward transforms works
-        on a fraction of the spectrum; the correlation is evaluated by
-        matrix-multiply DFT on the ``+-reach`` grid of whole-pixel shifts
-        only, then refined.  None when the peak lies outside that grid.
+        exceeds ~1 %), so the work after the two forward transforms is on a
+        fraction of the spectrum.  The correlation's highest sample within
+        ``+-reach`` of zero (every pixel; every other one for the DFT method,
+        whose Newton steps need only a start) is refined to sub-pixel; None
+        when the peak lies at or beyond the reach (not this candidate's).
         """
         cfg = self.config
         h, w = ra.shape
@@ -545,20 +591,26 @@ class Registrar:
         sb = self._band_spectrum(ma, band)
         cross = _whiten(sa * np.conj(sb), cfg.fine_whiten)
         cross *= band.weight
-        # One pixel beyond the reach, so that a peak inside it has both
-        # neighbours for the sub-pixel fit.
-        r = min(reach, h // 2 - 2, w // 2 - 2) + 1
-        full = np.zeros((h, w), np.complex64)
         (r0, r1), (c0, c1) = band.rows, band.cols
         ny, nx = r0.stop, c0.stop
-        full[r0, c0] = cross[:ny, :nx]
-        full[r0, c1] = cross[:ny, nx:]
-        full[r1, c0] = cross[ny:, :nx]
-        full[r1, c1] = cross[ny:, nx:]
+        # The correlation is band-limited below a quarter cycle per pixel, so
+        # an inverse transform of half the size samples it exactly at every
+        # other pixel: enough for a start that Newton steps refine.
+        halve = cfg.subpixel == "dft" and h % 2 == w % 2 == 0 and max(ny / h, nx / w) < 0.25
+        q = 2 if halve else 1
+        hq, wq = h // q, w // q
+        # One sample beyond the reach, so that a peak inside it has both
+        # neighbours for the sub-pixel fit.
+        r = min(-(-reach // q), hq // 2 - 2, wq // 2 - 2) + 1
+        full = np.zeros((hq, wq), np.complex64)
+        full[:ny, :nx] = cross[:ny, :nx]
+        full[:ny, wq - (w - c1.start) :] = cross[:ny, nx:]
+        full[hq - (h - r1.start) :, :nx] = cross[ny:, :nx]
+        full[hq - (h - r1.start) :, wq - (w - c1.start) :] = cross[ny:, nx:]
         surface = _idft(full)
         # The +-r neighbourhood of zero shift, rolled so that shift -r is at index 0.
-        rows = np.r_[h - r : h, 0 : r + 1]
-        cols = np.r_[w - r : w, 0 : r + 1]
+        rows = np.r_[hq - r : hq, 0 : r + 1]
+        cols = np.r_[wq - r : wq, 0 : r + 1]
         grid = surface[np.ix_(rows, cols)]
         k = int(np.argmax(grid))
         iy, ix = divmod(k, grid.shape[1])
@@ -568,9 +620,10 @@ class Registrar:
             oy, ox = _gauss_offset(grid, iy, ix)
         else:
             oy, ox = _parabola_offset(grid, iy, ix)
-        sy, sx = iy - r + oy, ix - r + ox
+        sy, sx = (iy - r + oy) * q, (ix - r + ox) * q
         if cfg.subpixel == "dft":
             sy, sx = _dft_peak(cross, band.ky, band.kx, sy, sx)
+        r *= q
         if abs(sx) > r - 0.5 or abs(sy) > r - 0.5:
             return None
         return float(sx), float(sy)
@@ -657,12 +710,20 @@ def _reduce(image: np.ndarray, f: int) -> np.ndarray:
         # repeated halving is ~7x faster than INTER_AREA here.
         while f > 1:
             f //= 2
-            img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), cv2.INTER_LINEAR)
+            img = cv2.resize(
+                img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_LINEAR
+            )
     else:
         img = cv2.resize(img, (ws, hs), interpolation=cv2.INTER_AREA)
     small = img.astype(np.float32)
     small -= float(small.mean())
     return small
+
+
+def _detail(small: np.ndarray) -> np.ndarray:
+    """``small`` less its Gaussian blur (sigma ``_DETAIL_SIGMA`` low-resolution pixels)."""
+    out: np.ndarray = small - cv2.GaussianBlur(small, (0, 0), _DETAIL_SIGMA)
+    return out
 
 
 def _dft_view(img: np.ndarray) -> np.ndarray:
@@ -686,16 +747,24 @@ def _idft(spec: np.ndarray) -> np.ndarray:
 
 
 def _whiten(spec: np.ndarray, power: float) -> np.ndarray:
-    """``spec / |spec| ** power`` (in place), with a floor that keeps empty bins at zero."""
+    """``spec / |spec| ** power`` in place (complex64), with a floor keeping empty bins at zero."""
     if power <= 0:
         return spec
-    mag = np.abs(spec)
-    mag += np.float32(1e-6 * float(mag.mean()) + 1e-30)
-    if power == 0.5:
-        np.sqrt(mag, out=mag)
-    elif power != 1.0:
-        np.power(mag, np.float32(power), out=mag)
-    spec /= mag
+    # |z|^2 from the interleaved float pairs, then one power: twice as fast
+    # as abs() and a division.
+    parts = spec.view(np.float32)
+    mag2 = np.square(parts[..., 0::2])
+    mag2 += np.square(parts[..., 1::2])
+    mag2 += np.float32(1e-12 * float(mag2.mean()) + 1e-30)
+    if power == 1.0:
+        scale = np.sqrt(mag2, out=mag2)
+        np.reciprocal(scale, out=scale)
+    elif power == 0.5:
+        scale = np.sqrt(np.sqrt(mag2, out=mag2), out=mag2)
+        np.reciprocal(scale, out=scale)
+    else:
+        scale = np.power(mag2, np.float32(-0.5 * power), out=mag2)
+    spec *= scale
     return spec
 
 
@@ -711,18 +780,19 @@ def _bandpass(f2: np.ndarray, low: float, high: float) -> np.ndarray:
     return out
 
 
-def _periodic_spectrum(img: np.ndarray) -> np.ndarray:
+def _periodic_spectrum(img: np.ndarray, copy: bool = True) -> np.ndarray:
     """Spectrum of the periodic component of ``img`` (Moisan's periodic + smooth split).
 
     The smooth component carries the jumps between opposite edges, which a
     DFT sees as sharp edges (a cross of false energy through the origin);
     removing it spares a window, which would silence the frame borders where
     a narrow overlap lies.  The boundary image is non-zero on its border
-    only, so its spectrum comes from two 1-D transforms.
+    only, so its spectrum comes from two 1-D transforms.  ``copy=False``
+    returns a view of OpenCV's buffer (slower in matrix products).
     """
     h, w = img.shape
     gy, gx = _smooth_factors(h, w)
-    spec = _dft(img)
+    spec = _dft(img) if copy else _dft_view(img)
     spec -= np.fft.fft(img[-1, :] - img[0, :]).astype(np.complex64)[None, :] * gy
     spec -= np.fft.fft(img[:, -1] - img[:, 0]).astype(np.complex64)[:, None] * gx
     return spec
@@ -759,7 +829,7 @@ def _tukey(n: int, taper: float = 0.25) -> np.ndarray:
 
 
 def _alias_mask(n: int, centre: float, slack: float, lo: int, hi: int) -> np.ndarray:
-    """Indices ``0..n-1`` with an alias ``i + k n`` within ``centre +- slack`` and in ``(lo, hi)``."""
+    """Indices ``0..n-1`` with an alias ``i + k n`` in ``centre +- slack`` and in ``(lo, hi)``."""
     idx = np.arange(n, dtype=np.float64)
     mask = np.zeros(n, bool)
     k_lo = math.floor((min(centre - slack, lo) - n) / n)
@@ -856,7 +926,7 @@ def _dft_peak(
         y += float(np.clip(step_y, -0.5, 0.5))
         if abs(step_x) < 1e-3 and abs(step_y) < 1e-3:
             break
-    if abs(x - x0) > 1.0 or abs(y - y0) > 1.0:
+    if abs(x - x0) > 1.5 or abs(y - y0) > 1.5:
         return y0, x0  # wandered off towards another peak: keep the start
     return y, x
 
@@ -881,7 +951,9 @@ def _ncc(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
     if sa < 1e-3 or sb < 1e-3:
         return 0.0
     # mean(a b) = (mean(a^2) + mean(b^2) - mean((a - b)^2)) / 2
-    mean_ab = 0.5 * (sa * sa + ma * ma + sb * sb + mb * mb - cv2.norm(pa, pb, cv2.NORM_L2SQR) / pa.size)
+    mean_ab = 0.5 * (
+        sa * sa + ma * ma + sb * sb + mb * mb - cv2.norm(pa, pb, cv2.NORM_L2SQR) / pa.size
+    )
     return float(np.clip((mean_ab - ma * mb) / (sa * sb), -1.0, 1.0))
 
 
@@ -891,6 +963,22 @@ def _overlap(dx: float, dy: float, shape_a: tuple[int, int], shape_b: tuple[int,
     ox = max(0.0, min(wa, dx + wb) - max(0.0, dx))
     oy = max(0.0, min(ha, dy + hb) - max(0.0, dy))
     return float(ox * oy / min(ha * wa, hb * wb))
+
+
+def _window_size(ow: int, oh: int, side: int) -> tuple[int, int]:
+    """Fine window ``(width, height)`` inside an ``ow`` x ``oh`` overlap, fast DFT sizes.
+
+    At most ``side`` x ``side`` pixels of area; a narrow overlap strip gets
+    a longer window (up to ``4 * side``), since precision grows with the
+    pixels correlated.
+    """
+    budget = side * side
+    w, h = min(ow, side), min(oh, side)
+    if w < side:
+        h = min(oh, max(side, budget // max(w, 1)), 4 * side)
+    elif h < side:
+        w = min(ow, max(side, budget // max(h, 1)), 4 * side)
+    return _fft_size_at_most(w), _fft_size_at_most(h)
 
 
 _SMOOTH_SIZES = sorted(
