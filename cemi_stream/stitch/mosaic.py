@@ -60,7 +60,7 @@ depend on geometry only), the weighted sum is taken as stored value x weight
 sum, and blending carries on.  The result equals an uninterrupted blend up to
 the uint8 rounding of the earlier write (at most 0.5 grey level before the
 new frame's share; within 1 grey level of the reference composite, tested).
-A re-open costs one unit read and a small product, ~3.5 ms for a 1024 px unit;
+A re-open costs one unit read and a small product, ~3.5-5 ms for a 1024 px unit;
 it is what lets the stitch stage flush everything but the rest of the current
 row (RAM: ~4 tiles, 32 MiB) and let the next row re-open the band it overlaps.
 Re-opens are counted (:attr:`MosaicInfo.units_reopened`) and logged at debug
@@ -69,13 +69,19 @@ this needs grows by ~60-80 bytes per frame (its position and unit list).
 
 Layout choice (``bench/bench_mosaic.py``, ``bench/results/mosaic.json``)
 ----------------------------------------------------------------------
-Default: 1024 px chunks, no sharding, blosc-lz4 level 1.  On the 2-core
-machine, flushing cost ~2.0-2.5 ms per frame with 1024 px chunks against
-~4-5 ms with 512 px (more, smaller files) and ~1.5-2 ms with 2048 px, whose
-tiles take 4x the RAM (32 MiB each) and make each re-open 4x dearer.  lz4
-flushes as fast as no compression (fewer bytes to write) and stores simulated
-mosaics 2-2.6x smaller; zstd-1 is ~10 % smaller still but ~20 % slower.
-Sharding bought no speed and makes the RAM tile the whole shard.
+Default: 1024 px chunks, no sharding, blosc-lz4 level 1.  Measured on the
+shared 2-core machine (medians of 5 interleaved repeats, several runs; the
+spread between runs is large): flushing costs ~2.2-3 ms per frame with
+1024 px chunks, ~4-5.5 ms with 512 px (more, smaller files) and ~1.5-2.8 ms
+with 2048 px.  Under the stitch stage's flush policy (re-opens) 1024 and
+2048 px give the same throughput within the noise, but a 2048 px re-open
+stalls its frame ~15-25 ms instead of ~4-5 ms and the tiles take 128 instead of
+32 MiB.  lz4 flushes as fast as no compression and stores the empty parts
+(unit margins, gaps) almost free: 12 % fewer bytes at paper scale, half on a
+3-row mosaic; blended SEM content itself hardly compresses (lz4 1.00-1.02x,
+zstd-1 1.08x LD / 1.16x HD), and zstd-1 flushes ~15-25 % slower.  Sharding
+bought no speed and makes each RAM tile a whole shard (128 MiB for 4096 px
+shards).
 
 During :meth:`~MosaicCanvas.finalize` the group's state is ``finalizing``
 (:func:`open_mosaic` refuses it); if finalize fails midway, level-0 files not
@@ -309,10 +315,10 @@ class MosaicCanvas:
         Shard side in pixels (a multiple of ``chunk``) or None for no
         sharding.  With sharding the write unit (and RAM tile) is the shard.
     compression : {"lz4", "none", "zstd"}
-        Chunk compression: blosc-lz4 level 1 (default: writes as fast as no
-        compression here, as the smaller files cost less I/O, and 2-2.6x
-        smaller on simulated mosaics; ``bench/bench_mosaic.py``), none, or
-        zstd level 1 (~10 % smaller than lz4, ~20 % slower to flush).
+        Chunk compression: blosc-lz4 level 1 (default: as fast as none, and
+        empty areas cost almost nothing), none, or zstd level 1 (8-16 %
+        smaller on SEM content, ~20 % slower to flush); see the module
+        docstring.
     feather_px : float or None
         Width of the blending ramp in pixels; None = a quarter of the
         shorter frame side.
