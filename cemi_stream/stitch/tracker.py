@@ -72,6 +72,18 @@ class _Row:
     label: int | None = None  # the header's row field, when the source gives one
 
 
+def _better_row_step(a: Shift, b: Shift) -> bool:
+    """Whether ``a`` is the more credible row step of two successful matches.
+
+    Scores within 0.05 are a tie (a specimen that repeats itself matches
+    equally well in several places); the tie goes to the larger overlap: a
+    new row starts beside its anchor, not diagonally off it.
+    """
+    if abs(a.score - b.score) > 0.05:
+        return a.score > b.score
+    return a.overlap > b.overlap
+
+
 class PathTracker:
     """Places frames one by one (see the module docstring).
 
@@ -197,6 +209,9 @@ class PathTracker:
             # on a serpentine path), within a generous window.
             velocity, search = self._seed_velocity, 0.5 * self.width
         shift = self.registrar.register(self._prepared[prev], cur, velocity, search)
+        if not shift.ok and velocity is not None and not self._steps:
+            # The seeded guess may be wrong (e.g. a misjudged layout): search freely.
+            shift = self.registrar.register(self._prepared[prev], cur, None, None)
         if not shift.ok:
             return None
         px, py = self.positions[prev]
@@ -232,7 +247,7 @@ class PathTracker:
                 stage_dx = stage[0] - self._stage[anchor][0]
                 if abs(stage_dx - shift.dx) > 0.5 * self.width:
                     continue
-            if best is None or shift.score > best[0].score:
+            if best is None or _better_row_step(shift, best[0]):
                 best = (shift, layout, anchor)
         return best
 
