@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_result
+from bench.common import RESULTS, write_result
 from cemi_stream.capture import run_capture
 from cemi_stream.config import load_config
 from cemi_stream.stitch.stage import run_stitch
@@ -117,6 +117,10 @@ def main() -> None:
                 results[name] = _stitch(str(work / "sim" / "frames"), work, truth)
                 results[name]["traversal"] = cases[name]
         print(name, json.dumps(results[name]))
+    previous = RESULTS / "stitch.json"
+    if args.cases and previous.is_file():
+        # A partial run updates its cases and keeps the others.
+        results = {**json.loads(previous.read_text()).get("cases", {}), **results}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     path = write_result(
         "stitch",

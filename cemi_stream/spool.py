@@ -313,6 +313,10 @@ class SpoolReader:
         image = np.asarray(self._array[seq])
         return Frame(image, self._metas[seq])
 
+    def image(self, seq: int) -> np.ndarray:
+        """Pixels of frame ``seq``, ``(y, x)`` uint8."""
+        return self.read(seq).image
+
     def __iter__(self) -> Iterator[Frame]:
         for seq in range(len(self)):
             yield self.read(seq)

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from ..config import Config, to_dict
 from ..errors import CemiError
 from ..frame import FrameMeta
 from ..progress import Progress
+from ..spool import SpoolReader
 from .feed import frames_in_order
 from .journal import POSITIONS, POSITIONS_HEADER, Journal, format_position, read_journal
 from .mosaic import MosaicCanvas
@@ -80,24 +82,26 @@ class Assembler:
     ----------
     canvas : MosaicCanvas
         Where frames are blended.
+    load : callable
+        ``load(seq) -> image``: frames are read back (from the spool) when
+        they are rendered instead of being held for two rows.
     """
 
-    def __init__(self, canvas: MosaicCanvas) -> None:
+    def __init__(self, canvas: MosaicCanvas, load: Callable[[int], np.ndarray]) -> None:
         self.canvas = canvas
+        self.load = load
         self.placements: dict[int, Placement] = {}
         self.constraints: list[Constraint] = []
-        self.images: dict[int, np.ndarray] = {}  # frames not rendered yet
         self.fixed: dict[int, tuple[float, float]] = {}
         self.rows: dict[int, list[int]] = {}
         self.render_s = 0.0
         self.solve_s = 0.0
 
-    def add(self, placement: Placement, image: np.ndarray) -> None:
+    def add(self, placement: Placement) -> None:
         """Take a placed frame; render what became settled."""
         finished_row = max(self.rows) if self.rows else None
         self.placements[placement.seq] = placement
         self.constraints.extend(placement.constraints)
-        self.images[placement.seq] = image
         self.rows.setdefault(placement.row, []).append(placement.seq)
         if finished_row is not None and placement.row > finished_row:
             # Row ``finished_row`` is complete: the row before it is now settled.
@@ -126,7 +130,7 @@ class Assembler:
         m = CANVAS_MARGIN_PX
         for k, seq in enumerate(seqs):
             x, y = positions[seq]
-            self.canvas.add(self.images.pop(seq), x + m, y + m)
+            self.canvas.add(self.load(seq), x + m, y + m)
             self.fixed[seq] = (x, y)
             rest = [(px + m, py + m) for px, py in (positions[s] for s in seqs[k + 1 :])]
             # Chunks no later frame of this row touches are written now; the
@@ -148,7 +152,7 @@ class RenderWorker:
 
     def __init__(self, assembler: Assembler, depth: int = 512) -> None:
         self.assembler = assembler
-        self._queue: queue.Queue[tuple[Placement, np.ndarray] | None] = queue.Queue(depth)
+        self._queue: queue.Queue[Placement | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="render", daemon=True)
         self._thread.start()
@@ -157,14 +161,14 @@ class RenderWorker:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self.assembler.add(*item)
+                    self.assembler.add(item)
                 except BaseException as exc:  # handed to the caller's thread
                     self._error = exc
 
-    def add(self, placement: Placement, image: np.ndarray) -> None:
+    def add(self, placement: Placement) -> None:
         """Queue one placed frame (blocks while the queue is full)."""
         self._raise()
-        self._queue.put((placement, image))
+        self._queue.put(placement)
 
     def finish(self) -> dict[int, tuple[float, float]]:
         """Drain the queue, then solve and render what is left."""
@@ -227,7 +231,7 @@ def run_stitch(
                     run_dir / MOSAIC_DIR, frame.shape,
                     pixel_size_um=pixel_size_um, chunk=cfg.chunk_px, overwrite=True,
                 )  # fmt: skip
-                assembler = Assembler(canvas)
+                assembler = Assembler(canvas, SpoolReader(run_dir).image)
                 worker = RenderWorker(assembler)
             t0 = time.perf_counter()
             stage_px = _stage_px(frame.meta)
@@ -244,7 +248,7 @@ def run_stitch(
                 timings["journal"] += time.perf_counter() - t1
             if worker is None:  # pragma: no cover - created with the tracker
                 raise CemiError("stitch: render worker missing")
-            worker.add(placement, frame.image)
+            worker.add(placement)
             summary.frames += 1
             bar.update(summary.frames, f"row {placement.row}")
         if assembler is None or tracker is None or worker is None:

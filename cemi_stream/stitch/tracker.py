@@ -308,6 +308,17 @@ class PathTracker:
                 best_seq, best_overlap = s, ox * oy
         if best_seq is None or best_overlap < 0.1 * self.width * self.height:
             return
+        # Frames of the previous row behind this one are never matched again
+        # (rows are monotonic); the row's first and last stay for row changes.
+        k = prev_row.index(best_seq)
+        if self.layout == "raster":
+            behind = prev_row[1 : max(k - 1, 1)]
+        elif self.layout == "serpentine":
+            behind = prev_row[k + 2 : -1]
+        else:
+            behind = []
+        for s in behind:
+            self._prepared.pop(s, None)
         if any(c.i == best_seq for c in placement.constraints if c.kind != MOTION):
             return
         sx, sy = self.positions[best_seq]
