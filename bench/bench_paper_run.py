@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from bench.bench_stitch import position_errors
 from bench.common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,24 +66,14 @@ def main() -> None:
         truth = {
             int(r["src_index"]): (float(r["x_px"]), float(r["y_px"])) for r in csv.DictReader(f)
         }
-    with open(args.run_dir / "positions.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["x_px"]]
-    est = np.array([(float(r["x_px"]), float(r["y_px"])) for r in rows])
-    tru = np.array([truth[int(r["src_index"])] for r in rows])
-    diff = est - tru
-    diff -= np.median(diff, axis=0)
-    e = np.hypot(diff[:, 0], diff[:, 1])
+    errors = position_errors(args.run_dir, truth)
     run = json.loads((args.run_dir / "run.json").read_text())
     result = {
         "frames": len(truth),
         "wall_s": round(wall, 1),
         "target_wall_s": 60,
         "peak_rss_mb_per_process": sorted(round(v, 1) for v in peak.values()),
-        "error_px": {
-            "median": round(float(np.median(e)), 3),
-            "p99": round(float(np.percentile(e, 99)), 3),
-            "max": round(float(e.max()), 3),
-        },
+        "error_px": {k: errors[k] for k in ("median_px", "p99_px", "max_px")},
         "statuses": run["counts"]["statuses"],
         "timings": run["timings"],
         "mosaic": run["mosaic"],

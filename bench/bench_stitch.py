@@ -45,7 +45,8 @@ def _cases(frames_per_row: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def _errors(run_dir: Path, truth: dict[int, tuple[float, float]]) -> dict[str, Any]:
+def position_errors(run_dir: Path, truth: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """``positions.csv`` against true positions, after removing the global offset."""
     with open(run_dir / "positions.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["x_px"]]
     est = np.array([(float(r["x_px"]), float(r["y_px"])) for r in rows])
@@ -72,7 +73,7 @@ def _stitch(source: str, work: Path, truth: dict[int, tuple[float, float]]) -> d
     t0 = time.perf_counter()
     summary = run_stitch(run_dir, config, progress=False)
     wall = time.perf_counter() - t0
-    result = _errors(run_dir, truth)
+    result = position_errors(run_dir, truth)
     result.update(
         {
             "stitch_wall_s": round(wall, 2),
