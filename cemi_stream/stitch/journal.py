@@ -106,11 +106,7 @@ class Journal:
         """Commit one placement (journal first, then the positions line)."""
         if self._positions is None or self._journal is None:
             raise JournalError(f"{self.run_dir}: journal is not open")
-        record = {
-            "seq": p.seq, "src": p.src_index, "row": p.row, "x": p.x, "y": p.y,
-            "score": p.score, "status": p.status,
-            "c": [[c.i, c.j, c.dx, c.dy, c.weight, c.kind] for c in p.constraints],
-        }  # fmt: skip
+        record = placement_to_record(p)
         try:
             self._journal.write(json.dumps(record) + "\n")
             self._journal.flush()
@@ -137,6 +133,27 @@ class Journal:
             raise JournalError(f"{self.run_dir}: fsync of the journal failed ({self._sync_error})")
 
 
+def placement_to_record(p: Placement) -> dict[str, Any]:
+    """A placement as a JSON-ready dict (the journal's record format)."""
+    return {
+        "seq": p.seq, "src": p.src_index, "row": p.row, "x": p.x, "y": p.y,
+        "score": p.score, "status": p.status,
+        "c": [[c.i, c.j, c.dx, c.dy, c.weight, c.kind] for c in p.constraints],
+    }  # fmt: skip
+
+
+def record_to_placement(r: dict[str, Any]) -> Placement:
+    """Inverse of :func:`placement_to_record` (raises KeyError/TypeError/ValueError)."""
+    constraints = [
+        Constraint(int(i), int(j), float(dx), float(dy), float(w), str(kind))
+        for i, j, dx, dy, w, kind in r["c"]
+    ]
+    return Placement(
+        int(r["seq"]), int(r["src"]), int(r["row"]), float(r["x"]), float(r["y"]),
+        float(r["score"]), str(r["status"]), constraints,
+    )  # fmt: skip
+
+
 def read_journal(run_dir: Path) -> list[Placement]:
     """Committed placements of an earlier run (empty when there is none)."""
     pos_path = Path(run_dir) / POSITIONS
@@ -148,22 +165,7 @@ def read_journal(run_dir: Path) -> list[Placement]:
     out: list[Placement] = []
     for k, line in enumerate(records[: len(committed)]):
         try:
-            r: dict[str, Any] = json.loads(line)
-            constraints = [
-                Constraint(int(i), int(j), dx, dy, w, kind) for i, j, dx, dy, w, kind in r["c"]
-            ]
-            out.append(
-                Placement(
-                    r["seq"],
-                    r["src"],
-                    r["row"],
-                    r["x"],
-                    r["y"],
-                    r["score"],
-                    r["status"],
-                    constraints,
-                )
-            )
+            out.append(record_to_placement(json.loads(line)))
         except (ValueError, KeyError, TypeError) as exc:
             raise JournalError(f"{jr_path}: corrupt record {k} ({exc})") from None
         if out[-1].seq != k:

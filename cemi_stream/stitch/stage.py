@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import queue
 import threading
 import time
@@ -39,7 +40,15 @@ from ..frame import FrameMeta
 from ..progress import Progress
 from ..spool import SpoolReader
 from .feed import frames_in_order
-from .journal import POSITIONS, POSITIONS_HEADER, Journal, format_position, read_journal
+from .journal import (
+    POSITIONS,
+    POSITIONS_HEADER,
+    Journal,
+    format_position,
+    placement_to_record,
+    read_journal,
+    record_to_placement,
+)
 from .mosaic import MosaicCanvas
 from .register import RegisterConfig, Registrar
 from .solve import Constraint, solve_positions
@@ -140,46 +149,113 @@ class Assembler:
             self.canvas.flush(keep)
 
 
-class RenderWorker:
-    """Runs an :class:`Assembler` in its own thread.
+class RenderProcess:
+    """Runs the :class:`Assembler` (solve, blend, write) in a child process.
 
-    Registration (the caller's thread) and rendering overlap: numpy and
-    OpenCV release the GIL in their inner loops, so on two cores the stage
-    runs both at once.  Rendering is bursty - a whole row is rendered when
-    the next one is complete - and the bounded queue lets registration run
-    ahead by up to ``depth`` frames.
+    Registration (this process) and rendering (the child) then use both
+    cores; threads could not, as the GIL serialised most of the work.  The
+    child reads frames back from the spool, so only placements cross the
+    process boundary, as journal records (JSON text).  At the end it
+    finalises the mosaic, writes ``preview.png`` and sends back the final
+    positions and the mosaic geometry.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Run directory (spool in, mosaic out).
+    frame_shape : (height, width)
+        Frame shape, pixels.
+    pixel_size_um : float or None
+        For the OME-Zarr scale.
+    chunk_px, preview_max_side : int
+        Canvas chunk side and preview size, pixels.
     """
 
-    def __init__(self, assembler: Assembler, depth: int = 512) -> None:
-        self.assembler = assembler
-        self._queue: queue.Queue[Placement | None] = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="render", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.assembler.add(item)
-                except BaseException as exc:  # handed to the caller's thread
-                    self._error = exc
+    def __init__(
+        self,
+        run_dir: Path,
+        frame_shape: tuple[int, int],
+        pixel_size_um: float | None,
+        chunk_px: int,
+        preview_max_side: int,
+    ) -> None:
+        ctx = mp.get_context("spawn")  # never fork a process holding ZeroMQ sockets
+        self._inbox: Any = ctx.Queue(maxsize=1024)
+        self._outbox: Any = ctx.Queue()
+        args = (str(run_dir), frame_shape, pixel_size_um, chunk_px, preview_max_side)
+        self._proc = ctx.Process(
+            target=_render_main, args=(*args, self._inbox, self._outbox), name="render", daemon=True
+        )
+        self._proc.start()
 
     def add(self, placement: Placement) -> None:
-        """Queue one placed frame (blocks while the queue is full)."""
-        self._raise()
-        self._queue.put(placement)
+        """Send one placed frame to the renderer."""
+        if not self._proc.is_alive():
+            raise CemiError(f"stitch: the render process died (exit {self._proc.exitcode})")
+        self._inbox.put(json.dumps(placement_to_record(placement)))
 
-    def finish(self) -> dict[int, tuple[float, float]]:
-        """Drain the queue, then solve and render what is left."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-        return self.assembler.finish()
+    def finish(self) -> dict[str, Any]:
+        """Ask for the final solve, render and finalisation; wait for the result."""
+        self._inbox.put(None)
+        while True:
+            try:
+                result: dict[str, Any] = self._outbox.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise CemiError(
+                        f"stitch: the render process died (exit {self._proc.exitcode})"
+                    ) from None
+        self._proc.join()
+        if "error" in result:
+            raise CemiError(f"stitch: rendering failed: {result['error']}")
+        return result
 
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+    def abort(self) -> None:
+        """Stop the child without a result (on errors)."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+
+
+def _render_main(
+    run_dir: str,
+    frame_shape: tuple[int, int],
+    pixel_size_um: float | None,
+    chunk_px: int,
+    preview_max_side: int,
+    inbox: Any,
+    outbox: Any,
+) -> None:
+    """Body of the render process (see :class:`RenderProcess`)."""
+    try:
+        path = Path(run_dir)
+        canvas = MosaicCanvas(
+            path / MOSAIC_DIR, frame_shape,
+            pixel_size_um=pixel_size_um, chunk=chunk_px, overwrite=True,
+        )  # fmt: skip
+        assembler = Assembler(canvas, SpoolReader(path).image)
+        while (text := inbox.get()) is not None:
+            assembler.add(record_to_placement(json.loads(text)))
+        positions = assembler.finish()
+        t0 = time.perf_counter()
+        info = canvas.finalize()
+        finalize_s = time.perf_counter() - t0
+        if not cv2.imwrite(str(path / PREVIEW), canvas.preview(preview_max_side)):
+            raise CemiError(f"{path / PREVIEW}: could not write the preview image")
+        outbox.put(
+            {
+                "positions": {str(k): list(v) for k, v in positions.items()},
+                "origin_xy": list(info.origin_xy),
+                "shape": list(info.shape),
+                "levels": info.levels,
+                "render_s": assembler.render_s,
+                "solve_s": assembler.solve_s,
+                "finalize_s": finalize_s,
+            }
+        )
+    except Exception as exc:  # reported to the parent, which raises it
+        outbox.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _bbox(points: list[tuple[float, float]], w: int, h: int) -> tuple[float, float, float, float]:
@@ -212,8 +288,8 @@ def run_stitch(
     summary.resumed_from = len(journaled)
     registrar = Registrar(RegisterConfig(min_score=cfg.min_score))
     tracker: PathTracker | None = None
-    assembler: Assembler | None = None
-    worker: RenderWorker | None = None
+    renderer: RenderProcess | None = None
+    placements: list[Placement] = []
     journal = Journal(run_dir, fsync=cfg.journal_fsync)
     journal.open(truncate_to=len(journaled))
     timings: defaultdict[str, float] = defaultdict(float)
@@ -223,16 +299,13 @@ def run_stitch(
         for seq, frame in frames_in_order(run_dir, 0, pipe, wait_s=wait_s):
             if stop.is_set():
                 break
-            if tracker is None or assembler is None:
+            if tracker is None or renderer is None:
                 if pixel_size_um is None and frame.meta.pixel_size_nm:
                     pixel_size_um = frame.meta.pixel_size_nm / 1000.0
                 tracker = PathTracker(registrar, frame.shape, layout=cfg.layout)
-                canvas = MosaicCanvas(
-                    run_dir / MOSAIC_DIR, frame.shape,
-                    pixel_size_um=pixel_size_um, chunk=cfg.chunk_px, overwrite=True,
-                )  # fmt: skip
-                assembler = Assembler(canvas, SpoolReader(run_dir).image)
-                worker = RenderWorker(assembler)
+                renderer = RenderProcess(
+                    run_dir, frame.shape, pixel_size_um, cfg.chunk_px, cfg.preview_max_side
+                )
             t0 = time.perf_counter()
             stage_px = _stage_px(frame.meta)
             if seq < len(journaled):
@@ -246,34 +319,32 @@ def run_stitch(
                 t1 = time.perf_counter()
                 journal.append(placement)
                 timings["journal"] += time.perf_counter() - t1
-            if worker is None:  # pragma: no cover - created with the tracker
-                raise CemiError("stitch: render worker missing")
-            worker.add(placement)
+            renderer.add(placement)
+            placements.append(placement)
             summary.frames += 1
             bar.update(summary.frames, f"row {placement.row}")
-        if assembler is None or tracker is None or worker is None:
+        if tracker is None or renderer is None:
             raise CemiError(f"{run_dir}: the capture delivered no frames to stitch")
-        positions = worker.finish()
-        timings["render"] = assembler.render_s
-        timings["solve"] = assembler.solve_s
-        t0 = time.perf_counter()
-        info = assembler.canvas.finalize()
-        timings["finalize_total_s"] = time.perf_counter() - t0
+        result = renderer.finish()
+        renderer = None
+        timings["render"] = result["render_s"]
+        timings["solve"] = result["solve_s"]
+        timings["finalize_total_s"] = result["finalize_s"]
         bar.close()
     finally:
         journal.close()
-    x0, y0 = info.origin_xy
+        if renderer is not None:
+            renderer.abort()
+    positions = {int(k): (v[0], v[1]) for k, v in result["positions"].items()}
+    x0, y0 = result["origin_xy"]
     origin = (x0 - CANVAS_MARGIN_PX, y0 - CANVAS_MARGIN_PX)
-    _write_final_positions(run_dir, assembler.placements, positions, origin)
-    preview = assembler.canvas.preview(cfg.preview_max_side)
-    if not cv2.imwrite(str(run_dir / PREVIEW), preview):
-        raise CemiError(f"{run_dir / PREVIEW}: could not write the preview image")
-    everything = solve_positions(
-        list(assembler.placements), assembler.constraints, {}, {0: (0.0, 0.0)}
-    )
+    by_seq = {p.seq: p for p in placements}
+    _write_final_positions(run_dir, by_seq, positions, origin)
+    constraints = [c for p in placements for c in p.constraints]
+    everything = solve_positions(list(by_seq), constraints, {}, {0: (0.0, 0.0)})
     summary.residuals = everything.stats()
-    summary.statuses = dict(Counter(p.status for p in assembler.placements.values()))
-    summary.rows = len({p.row for p in assembler.placements.values()})
+    summary.statuses = dict(Counter(p.status for p in placements))
+    summary.rows = len({p.row for p in placements})
     summary.layout = tracker.layout
     summary.seconds = time.monotonic() - started
     summary.frames_per_s = summary.frames / summary.seconds if summary.seconds else 0.0
@@ -284,8 +355,8 @@ def run_stitch(
         if k != "finalize_total_s"
     }
     summary.timings_ms_per_frame["finalize_total_ms"] = round(timings["finalize_total_s"] * 1e3, 1)
-    summary.mosaic_shape = list(info.shape)
-    summary.mosaic_levels = info.levels
+    summary.mosaic_shape = list(result["shape"])
+    summary.mosaic_levels = int(result["levels"])
     summary.pixel_size_um = pixel_size_um
     data = {"cemi_stream": __version__, "summary": asdict(summary), "config": to_dict(config)}
     (run_dir / SUMMARY).write_text(json.dumps(data, indent=2), encoding="utf-8")
