@@ -22,8 +22,8 @@ Usage: ``python -m bench.bench_peers [--frames-per-row 10] [--cases ld,hd]``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import tempfile
 import time
@@ -142,7 +142,13 @@ def _sift_chain(
                 offset = nominal[cur] - nominal[prev]
             pos[cur] = pos[prev] + offset
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 3), "positions": pos, "failed_links": failed}
+    keypoints = float(np.mean([len(k) for k, _ in feats.values()]))
+    return {
+        "wall_s": round(wall, 3),
+        "positions": pos,
+        "failed_links": failed,
+        "mean_keypoints_per_frame": round(keypoints),
+    }
 
 
 def _opencv_scans(frames: list[np.ndarray]) -> dict[str, Any]:
@@ -176,6 +182,7 @@ def _opencv_scans(frames: list[np.ndarray]) -> dict[str, Any]:
 
 def _ashlar(frames: list[np.ndarray], nominal: np.ndarray) -> dict[str, Any]:
     """ASHLAR ``EdgeAligner`` over in-memory frames at nominal grid positions."""
+    import networkx as nx
     from ashlar import reg
 
     class _Meta(reg.Metadata):
@@ -219,7 +226,16 @@ def _ashlar(frames: list[np.ndarray], nominal: np.ndarray) -> dict[str, Any]:
     aligner = reg.EdgeAligner(_Reader(), channel=0, max_shift=40, verbose=False)
     aligner.run()
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 3), "positions": np.asarray(aligner.positions)[:, ::-1]}
+    # Frames outside the largest accepted-edge component are placed by
+    # ASHLAR's linear model of the nominal grid, i.e. not registered.
+    parts = sorted((len(c) for c in nx.connected_components(aligner.spanning_tree)), reverse=True)
+    return {
+        "wall_s": round(wall, 3),
+        "positions": np.asarray(aligner.positions)[:, ::-1],
+        "edges_accepted": int(aligner.spanning_tree.number_of_edges()),
+        "largest_component_frames": parts[0],
+        "error_threshold": float(aligner.max_error),
+    }
 
 
 def _score(
