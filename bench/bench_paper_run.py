@@ -55,8 +55,11 @@ def main() -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak: dict[int, float] = {}
     while proc.poll() is None:
-        for pid in _children(proc.pid):
+        todo = _children(proc.pid)
+        while todo:  # every descendant: capture, stitch and the stitcher's renderer
+            pid = todo.pop()
             peak[pid] = max(peak.get(pid, 0.0), _rss_mb(pid))
+            todo += _children(pid)
         time.sleep(0.25)
     wall = time.perf_counter() - t0
     _, err = proc.communicate()
