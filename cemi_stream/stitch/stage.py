@@ -406,8 +406,3 @@ def _write_final_positions(
     tmp = run_dir / (POSITIONS + ".tmp")
     tmp.write_text(POSITIONS_HEADER + "\n" + "".join(line for _, line in lines), encoding="utf-8")
     tmp.replace(run_dir / POSITIONS)
-
-
-def summary_dict(summary: StitchSummary) -> dict[str, Any]:
-    """The summary as plain data."""
-    return asdict(summary)

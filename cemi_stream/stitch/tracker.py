@@ -195,10 +195,6 @@ class PathTracker:
         steps = np.array(self._steps)
         return float(np.median(steps[:, 0])), float(np.median(steps[:, 1]))
 
-    def rows_done(self) -> int:
-        """Number of rows that are complete (all but the current one)."""
-        return max(len(self.rows) - 1, 0)
-
     # -- internals ---------------------------------------------------------
 
     def _along_row(self, seq: int, src: int, prev: int, cur: Prepared) -> Placement | None:
