@@ -101,6 +101,7 @@ import shutil
 import time
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +118,7 @@ log = logging.getLogger(__name__)
 
 ATTRS_KEY = "cemi_stream"
 DEFAULT_EXTENT_PX = 2**22
+_MAX_PENDING_WRITES = 8  # ~8 MiB of finished tiles waiting for the disk
 PYRAMID_MAX_SIDE = 1024
 _STAGING = ".finalize-units"
 _DOWNSAMPLING = "2x2 block mean of the previous level, rounded half up; odd edges replicated"
@@ -406,6 +408,10 @@ class MosaicCanvas:
         self._tiles: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._written: set[tuple[int, int]] = set()  # flushed units (maybe all 0)
         self._stored: set[tuple[int, int]] = set()  # units that have a chunk file
+        # Chunk writes run on one background thread, overlapping the blending;
+        # a re-open of a unit waits for its own pending write.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mosaic-write")
+        self._pending: dict[tuple[int, int], Future[None]] = {}
         # Frame positions (live array pixels) and, per unit, the frames that
         # touched it: what a re-open needs to rebuild the weight sum exactly.
         self._pos = np.empty((1024, 2), np.float64)
@@ -652,6 +658,7 @@ class MosaicCanvas:
             ry[row, y0 - ty * u : y1 - ty * u] = ramp_y[y0 - gy0 : y1 - gy0]
             rx[row, x0 - tx * u : x1 - tx * u] = ramp_x[x0 - gx0 : x1 - gx0]
         weight = np.einsum("ki,kj->ij", ry, rx, optimize=False)
+        self._wait_writes(key=key)
         try:
             stored = np.asarray(self._array[ty * u : (ty + 1) * u, tx * u : (tx + 1) * u])
         except OSError as exc:
@@ -669,6 +676,9 @@ class MosaicCanvas:
 
     def flush(self, keep: Sequence[Rect] = ()) -> int:
         """Write every tile that no ``keep`` rectangle touches, and free it.
+
+        The writes run on a background thread, overlapping the next frames'
+        blending; :meth:`sync` waits for them, :meth:`finalize` too.
 
         Parameters
         ----------
@@ -727,24 +737,47 @@ class MosaicCanvas:
         return rects + self._off
 
     def _write_tile(self, key: tuple[int, int]) -> None:
-        u = self.unit
         total, weight = self._tiles[key]
         # Rounds, saturates to 0..255 (cubic overshoot) and gives 0 where nothing landed.
         out = cv2.divide(total, weight, dtype=cv2.CV_8U)
-        ty, tx = key
         if key in self._stored or cv2.countNonZero(out):
-            try:
-                self._array[ty * u : (ty + 1) * u, tx * u : (tx + 1) * u] = out
-            except OSError as exc:
-                raise MosaicError(
-                    f"{self.path}: cannot write unit {key} ({exc.strerror or exc})"
-                ) from exc
+            self._wait_writes(limit=_MAX_PENDING_WRITES - 1)
+            self._pending[key] = self._writer.submit(self._store, key, out)
             self._stored.add(key)
             self.units_written += 1
         # An all-zero unit needs no file (fill value 0) but counts as written:
         # a later frame must re-open it to blend with the frames already in it.
         del self._tiles[key]
         self._written.add(key)
+
+    def _store(self, key: tuple[int, int], out: np.ndarray) -> None:
+        """Write one unit (on the writer thread)."""
+        u = self.unit
+        ty, tx = key
+        try:
+            self._array[ty * u : (ty + 1) * u, tx * u : (tx + 1) * u] = out
+        except OSError as exc:
+            raise MosaicError(
+                f"{self.path}: cannot write unit {key} ({exc.strerror or exc})"
+            ) from exc
+
+    def sync(self) -> None:
+        """Wait until every flushed unit is on disk (flush only queues the writes)."""
+        self._wait_writes()
+
+    def _wait_writes(self, limit: int = 0, key: tuple[int, int] | None = None) -> None:
+        """Wait for pending writes: ``key``'s, or until at most ``limit`` are pending.
+
+        A failed write raises here (never swallowed).
+        """
+        if key is not None:
+            future = self._pending.pop(key, None)
+            if future is not None:
+                future.result()
+            return
+        while len(self._pending) > limit:
+            oldest = next(iter(self._pending))
+            self._pending.pop(oldest).result()
 
     # ------------------------------------------------------------------ finalize
 
@@ -767,6 +800,8 @@ class MosaicCanvas:
             raise MosaicError(f"{self.path}: no frame was added; nothing to finalize")
         t0 = time.perf_counter()
         self.flush(())
+        self._wait_writes()
+        self._writer.shutdown()
         t1 = time.perf_counter()
         u = self.unit
         gx0, gy0, gx1, gy1 = (int(v) for v in self._bbox)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -278,6 +279,7 @@ def test_readable_while_growing(tmp_path):
     for img, (x, y) in zip(frames, positions, strict=True):
         c.add(img, x, y)
     assert c.flush([]) > 0
+    c.sync()  # flush queues the writes on a background thread
     view = open_mosaic(c.path)  # another handle, while the canvas is live
     assert view.live and view.array.shape[0] >= 2**21
     ref, (rx, ry) = reference(frames, positions)
@@ -358,3 +360,18 @@ def test_errors(tmp_path):
     with pytest.raises(MosaicError, match="not a zarr group"):
         MosaicCanvas(other, (H, W), overwrite=True)
     assert (other / "keep.txt").exists()
+
+
+def test_a_failed_chunk_write_is_raised_not_swallowed(tmp_path):
+    rng = np.random.default_rng(10)
+    c = canvas(tmp_path)
+    # A plain file where the chunk directory must go: every write fails (even as root).
+    chunks = c.path / "0" / "c"
+    if chunks.exists():
+        shutil.rmtree(chunks)
+    chunks.write_text("not a directory")
+    for x, y in traversal(1, 3, seed=10):
+        c.add(textured(rng), x, y)
+    c.flush([])
+    with pytest.raises(MosaicError, match="cannot write unit"):
+        c.sync()
