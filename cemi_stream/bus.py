@@ -136,13 +136,21 @@ class FrameLog:
         How many of the newest frames to keep in RAM.
     reader : callable or None
         ``reader(seq) -> Frame`` for frames no longer in RAM.
+    start : int
+        Frames ``0 .. start - 1`` exist only through ``reader`` (a resumed
+        producer numbers its frames on from ``start``).
     """
 
-    def __init__(self, memory_frames: int, reader: Callable[[int], Frame] | None = None) -> None:
+    def __init__(
+        self,
+        memory_frames: int,
+        reader: Callable[[int], Frame] | None = None,
+        start: int = 0,
+    ) -> None:
         self._memory_frames = memory_frames
         self._reader = reader
         self._frames: OrderedDict[int, Frame] = OrderedDict()
-        self._count = 0
+        self._count = start
         self._finished = False
         self._cond = threading.Condition()
 

@@ -30,11 +30,10 @@ from . import __version__
 from .bus import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
 from .config import Config, to_dict
 from .errors import BusError, CemiError, SpoolError
-from .frame import Frame
 from .frontend import FrontEnd
 from .keyframes import Decision, format_decision
 from .progress import Progress
-from .spool import SPOOL_DIR, FrameSpool, SpoolReader
+from .spool import SPOOL_DIR, FrameSpool, SpoolFallback
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +60,6 @@ class CaptureSummary:
     crop: dict[str, Any] = field(default_factory=dict)
     stopped_by: str = "end_of_source"
     error: str | None = None
-
-
-class _SpoolFallback:
-    """Thread-safe lazy reader used by pipes that fell behind the RAM window."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self._reader: SpoolReader | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, seq: int) -> Frame:
-        with self._lock:
-            if self._reader is None:
-                self._reader = SpoolReader(self.run_dir)
-            return self._reader.read(seq)
 
 
 def run_capture(
@@ -126,7 +110,7 @@ def run_capture(
     context: zmq.Context[Any] = zmq.Context()
     senders: list[PipeSender] = []
     spool: FrameSpool | None = None
-    frames = FrameLog(config.spool.memory_frames, reader=_SpoolFallback(run_dir))
+    frames = FrameLog(config.spool.memory_frames, reader=SpoolFallback(run_dir))
     started = time.monotonic()
     log_handler: logging.Handler | None = None
     try:

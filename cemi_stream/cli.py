@@ -161,20 +161,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--pixel-size-um", type=float, metavar="X", help="pixel size (default: from the frames)"
     )
     p.add_argument("--layout", choices=["auto", "raster", "serpentine"], help="traversal hint")
+    p.add_argument(
+        "--frames-dir",
+        type=Path,
+        metavar="FDIR",
+        help="folder of the frames to stitch (default DIR; DIR/denoised for the denoise "
+        "stage's output)",
+    )
     p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
     _add_common(p)
     p.set_defaults(func=cmd_stitch)
+
+    p = sub.add_parser(
+        "denoise-stage",
+        help="run the denoise process on a capture's run directory (resumes where it stopped)",
+        description="Consume the frames of the capture in DIR (bus pipe 'denoise', or the spool "
+        "once the capture has finished) in order, denoise them in batches, and write them with "
+        "the same sequence numbers and metadata to DIR/denoised/frames.zarr and the stage's own "
+        "bus (DIR/denoised/bus.json, pipe 'stitch'); DIR/denoised/denoise.json marks the end.  "
+        "Restarted on the same DIR, it resumes after the last denoised frame.",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    p.add_argument(
+        "--backend", help="auto (default), cpu, onnx, cuda or tensorrt (config: denoise.backend)"
+    )
+    p.add_argument("--model", metavar="NAME|PATH", help="model name or .safetensors file")
+    p.add_argument("--batch", type=int, metavar="N", help="frames per batch (default 4)")
+    p.add_argument("--pipe", default="denoise", help="the capture's pipe to consume")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
+    _add_common(p)
+    p.set_defaults(func=cmd_denoise_stage)
 
     p = sub.add_parser(
         "replay",
         help="capture and stitch a recorded source (image folder, video, TIFF stack) at full speed",
         description="Run the capture and stitch processes over SOURCE and finalise RUN_DIR: "
         "mosaic.ome.zarr/, positions.csv (seq,src_index,x_px,y_px,score,status), run.json and "
-        "preview.png.  SOURCE may be a folder of videos, one per row.",
+        "preview.png.  SOURCE may be a folder of videos, one per row.  With --denoise BACKEND, a "
+        "denoise process between them denoises every frame (RUN_DIR/denoised/) and the mosaic "
+        "is made of the denoised frames.",
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
-    p.add_argument("--denoise", default="off", help="denoiser backend (only 'off' so far)")
+    p.add_argument(
+        "--denoise",
+        default="off",
+        metavar="BACKEND",
+        help="denoise the frames before stitching: off (default), auto, cpu, onnx, cuda or "
+        "tensorrt",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="denoiser model name or .safetensors file (default: the shipped default model)",
+    )
     p.add_argument(
         "--keyframes", choices=["on", "off"], help="default: on for videos, off for images"
     )
@@ -194,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="give up after S seconds of silence")
     _add_common(p)
     p.set_defaults(func=cmd_tap)
+
+    from .denoise.cli import add_commands as add_denoise_commands
+
+    add_denoise_commands(sub, _add_common)
 
     p = sub.add_parser(
         "demo",
@@ -331,18 +375,48 @@ def cmd_stitch(args: argparse.Namespace) -> int:
     _setup_logging(args, config)
     stop = threading.Event()
     with _stop_on_signals(stop):
-        run_stitch(args.run_dir, config, stop=stop, progress=not args.quiet, wait_s=args.wait)
+        run_stitch(
+            args.run_dir,
+            config,
+            frames_dir=args.frames_dir,
+            stop=stop,
+            progress=not args.quiet,
+            wait_s=args.wait,
+        )
     return EXIT_INTERRUPTED if stop.is_set() else 0
+
+
+def cmd_denoise_stage(args: argparse.Namespace) -> int:
+    """``denoise-stage``: the denoise process of a run."""
+    extra: dict[str, Any] = {}
+    if args.backend is not None:
+        extra["denoise.backend"] = args.backend
+    if args.model is not None:
+        extra["denoise.model"] = args.model
+    if args.batch is not None:
+        extra["denoise.batch"] = args.batch
+    config = _config(args, extra)
+    _setup_logging(args, config)
+    # Imported here: it loads torch, which the other commands do not need.
+    from .denoise.stage import run_denoise_stage
+
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        summary = run_denoise_stage(
+            args.run_dir,
+            config,
+            pipe=args.pipe,
+            stop=stop,
+            progress=not args.quiet,
+            wait_s=args.wait,
+        )
+    return EXIT_INTERRUPTED if summary.stopped_by == "stop_request" else 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``replay``: capture + stitch of a recorded source."""
     from .replay import run_replay
 
-    if args.denoise != "off":
-        raise CemiError(
-            f"--denoise {args.denoise}: the denoise stage is not available yet; use off"
-        )
     if args.pixel_size_um is not None and not args.pixel_size_um > 0:
         raise CemiError(f"--pixel-size-um {args.pixel_size_um}: must be positive")
     config = _config(args)
@@ -354,11 +428,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         pixel_size_um=args.pixel_size_um,
         layout=args.layout,
         config_file=args.config,
+        denoise=args.denoise,
+        model=args.model,
         progress=not args.quiet,
     )
-    print(
-        json.dumps({k: summary[k] for k in ("counts", "timings", "mosaic", "residuals")}, indent=2)
-    )
+    keys = ("counts", "timings", "mosaic", "residuals", "denoise")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
 

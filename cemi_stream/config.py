@@ -22,6 +22,10 @@ T = TypeVar("T")
 
 DEFAULT_HWM = 64
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
+# Inference backends of the denoiser (``cemi_stream.denoise.infer.BACKENDS``),
+# repeated here so that reading a configuration never imports torch.
+DenoiseBackend = Literal["auto", "cpu", "onnx", "cuda", "tensorrt"]
+DENOISE_BACKENDS: tuple[str, ...] = typing.get_args(DenoiseBackend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,42 @@ class StitchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DenoiseConfig:
+    """The denoise stage (``denoise-stage``; ``replay --denoise``).
+
+    Attributes
+    ----------
+    backend : {"auto", "cpu", "onnx", "cuda", "tensorrt"}
+        Inference backend; ``auto`` takes the fastest one available.
+    model : str or None
+        Model name (in ``models/weights``) or path of a ``.safetensors``
+        file; None is the default model (``models.zoo.DEFAULT_MODEL``).
+    batch : int
+        Most frames collected for one call of the denoiser (which may run
+        them in smaller backend batches: one frame at a time on the CPU
+        backends).
+    batch_wait_s : float
+        Longest time, in seconds, the first frame of a batch waits for more
+        frames: a partial batch is denoised then, so a slow trickle of frames
+        (live capture) is never held back for a batch to fill.
+    tile_px : int
+        Tile side in pixels (a multiple of 4) for denoising large frames in
+        pieces, e.g. when a frame does not fit the GPU's memory; 0 = whole
+        frames.
+    pipes : list of str
+        Durable pipes of the stage's own bus (``RUN_DIR/denoised/bus.json``),
+        which carries the denoised frames downstream.
+    """
+
+    backend: DenoiseBackend = "auto"
+    model: str | None = None
+    batch: int = 4
+    batch_wait_s: float = 0.05
+    tile_px: int = 0
+    pipes: list[str] = field(default_factory=lambda: ["stitch"])
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -197,6 +237,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     stitch: StitchConfig = field(default_factory=StitchConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -326,11 +367,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"bus.hwm: {bus.hwm} must be at least 1")
     if not 1 <= bus.port_base <= 65000:
         raise ConfigError(f"bus.port_base: {bus.port_base} is not a usable port")
-    if len(set(bus.pipes)) != len(bus.pipes):
-        raise ConfigError("bus.pipes: pipe names must be unique")
-    for name in bus.pipes:
-        if not name.isidentifier():
-            raise ConfigError(f"bus.pipes: {name!r} is not a valid pipe name")
+    _check_pipes("bus.pipes", bus.pipes)
     # Imported here: preprocess depends on this module for FaultConfig.
     from .preprocess import parse_crop
 
@@ -346,3 +383,22 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"stitch.pixel_size_um: {st.pixel_size_um} must be positive")
     if config.spool.fsync_interval_s < 0:
         raise ConfigError("spool.fsync_interval_s: must not be negative")
+    dn = config.denoise
+    if not 1 <= dn.batch <= 256:
+        raise ConfigError(f"denoise.batch: {dn.batch} is outside 1..256")
+    if not 0.0 <= dn.batch_wait_s <= 10.0:
+        raise ConfigError(f"denoise.batch_wait_s: {dn.batch_wait_s} is outside 0..10 s")
+    if dn.tile_px < 0 or dn.tile_px % 4:
+        raise ConfigError(f"denoise.tile_px: {dn.tile_px} must be 0 or a positive multiple of 4")
+    if dn.model is not None and not dn.model.strip():
+        raise ConfigError("denoise.model: empty model name")
+    _check_pipes("denoise.pipes", dn.pipes)
+
+
+def _check_pipes(key: str, pipes: list[str]) -> None:
+    """Pipe names must be unique identifiers (they name socket files)."""
+    if len(set(pipes)) != len(pipes):
+        raise ConfigError(f"{key}: pipe names must be unique")
+    for name in pipes:
+        if not name.isidentifier():
+            raise ConfigError(f"{key}: {name!r} is not a valid pipe name")

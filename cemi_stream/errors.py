@@ -30,3 +30,11 @@ class BusError(CemiError):
 
 class SpoolError(CemiError):
     """The raw frame spool could not be created, appended or read."""
+
+
+class ModelError(CemiError):
+    """A model file is missing, corrupt, or does not match its architecture."""
+
+
+class DenoiseError(CemiError):
+    """Denoising, training or evaluation could not run (bad input, missing backend)."""

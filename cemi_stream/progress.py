@@ -26,12 +26,20 @@ class Progress:
         Minimum seconds between two updates (terminal: 0.2 s is used).
     enabled : bool
         False makes every call a no-op.
+    unit : str
+        Plural name of what is counted (``"frames"``, ``"iterations"``, ``"images"``).
     """
 
     def __init__(
-        self, label: str, total: int | None = None, interval_s: float = 5.0, enabled: bool = True
+        self,
+        label: str,
+        total: int | None = None,
+        interval_s: float = 5.0,
+        enabled: bool = True,
+        unit: str = "frames",
     ) -> None:
         self.label = label
+        self.unit = unit
         self.total = total
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
@@ -58,7 +66,8 @@ class Progress:
     def _draw(self, final: bool) -> None:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         of = f"/{self.total}" if self.total else ""
-        text = f"{self.label}: {self.count}{of} frames, {self.count / elapsed:.1f} frames/s" + (
+        rate = f"{self.count / elapsed:.1f} {self.unit}/s"
+        text = f"{self.label}: {self.count}{of} {self.unit}, {rate}" + (
             f", {self.extra}" if self.extra else ""
         )
         if self.tty:

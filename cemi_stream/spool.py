@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,10 @@ class FrameSpool:
                 fill_value=0,
                 chunk_key_encoding={"name": "default", "separator": "."},
                 dimension_names=["frame", "y", "x"],
+                # A frame equal to the fill value (all black: a blanked beam,
+                # or a denoiser's output) must still get its chunk file, which
+                # sync() fsyncs.
+                config={"write_empty_chunks": True},
             )
             table = open(path / TABLE_NAME, "x", encoding="utf-8", newline="\n")  # noqa: SIM115
             table.write(",".join(TABLE_COLUMNS) + "\n")
@@ -136,6 +141,39 @@ class FrameSpool:
         except OSError as exc:
             raise SpoolError(f"{path}: cannot create spool ({exc.strerror or exc})") from None
         return cls(path, group, array, table, config)
+
+    @classmethod
+    def open_append(cls, run_dir: Path, config: SpoolConfig) -> FrameSpool:
+        """Reopen the spool in ``run_dir`` to append after its last committed frame.
+
+        A torn last table line (a process killed in mid-write) is cut off, so
+        the next line starts clean; a chunk written without its table line is
+        overwritten by the next frame.
+
+        Raises
+        ------
+        SpoolError
+            When there is no readable spool in ``run_dir``.
+        """
+        path = Path(run_dir) / SPOOL_DIR
+        count = len(SpoolReader(run_dir))
+        table_path = path / TABLE_NAME
+        try:
+            with open(table_path, "rb+") as f:
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+            group = zarr.open_group(str(path), mode="r+")
+            array = zarr.open_array(str(path / ARRAY_NAME), mode="r+").with_config(
+                {"write_empty_chunks": True}
+            )
+            table = open(table_path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+        except (OSError, ValueError, KeyError) as exc:
+            raise SpoolError(f"{path}: cannot reopen the spool ({exc})") from None
+        spool = cls(path, group, array, table, config)
+        spool._count = count
+        spool._capacity = max(spool._capacity, count)
+        group.attrs["complete"] = False  # until this process closes it cleanly
+        return spool
 
     @property
     def count(self) -> int:
@@ -225,6 +263,24 @@ class FrameSpool:
             self._group.attrs["complete"] = True
         finally:
             self._table.close()
+
+
+class SpoolFallback:
+    """Thread-safe lazy ``reader(seq) -> Frame`` over a spool, for :class:`FrameLog`.
+
+    Used by pipe senders that fell behind the frames still in RAM.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._reader: SpoolReader | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, seq: int) -> Frame:
+        with self._lock:
+            if self._reader is None:
+                self._reader = SpoolReader(self.run_dir)
+            return self._reader.read(seq)
 
 
 def _parse_optional(text: str, kind: type) -> Any:

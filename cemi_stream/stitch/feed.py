@@ -1,10 +1,15 @@
-"""Frames for the stitch stage, in sequence order, from the bus or the spool.
+"""Frames for a downstream stage, in sequence order, from the bus or the spool.
 
-A live stitcher takes frames from its bus pipe.  Whatever the bus cannot
-give - frames delivered to a previous stitcher process that died, frames
-sent before this one connected, or everything once the capture has
-finished - is read from the raw spool, which holds every frame the capture
+A live stage takes frames from its bus pipe.  Whatever the bus cannot
+give - frames delivered to a previous process of the stage that died, frames
+sent before this one connected, or everything once the producer has
+finished - is read from the producer's spool, which holds every frame it
 ever published.  Either way the stage sees ``seq`` 0, 1, 2 ... without gaps.
+
+A *frames folder* is where a producer keeps ``frames.zarr``, ``bus.json``
+and, once it has finished, its summary: the run directory itself for the
+capture (``capture.json``), ``RUN_DIR/denoised`` for the denoise stage
+(``denoise.json``).
 """
 
 from __future__ import annotations
@@ -23,11 +28,184 @@ from ..spool import SpoolReader
 log = logging.getLogger(__name__)
 
 CAPTURE_SUMMARY = "capture.json"
+DENOISE_SUMMARY = "denoise.json"
+# Written by a producer only once every frame it will ever publish is in its spool.
+COMPLETION_MARKERS = (CAPTURE_SUMMARY, DENOISE_SUMMARY)
 
 
 def capture_finished(run_dir: Path) -> bool:
-    """Whether the capture process of ``run_dir`` has written its summary."""
-    return (Path(run_dir) / CAPTURE_SUMMARY).is_file()
+    """Whether the producer of the frames folder ``run_dir`` has finished.
+
+    True once the capture (``capture.json``) or the denoise stage
+    (``denoise.json``) has written its completion marker there.
+    """
+    return any((Path(run_dir) / name).is_file() for name in COMPLETION_MARKERS)
+
+
+class FrameFeed:
+    """The frames of a frames folder in sequence order, polled with a timeout.
+
+    The non-blocking form of :func:`frames_in_order`, for stages that must
+    act when frames stop arriving (the denoise stage flushes a partial batch).
+
+    Parameters
+    ----------
+    run_dir : Path
+        Frames folder: the run directory of the capture, or the output
+        folder of another producer such as the denoise stage.
+    start : int
+        First sequence number wanted (a resumed stage skips what it has).
+    pipe : str
+        Bus pipe to consume while the producer is running.
+    wait_s : float
+        How long to wait for the producer to appear or to send anything
+        (frames or heartbeats) before giving up with :class:`BusError`.
+
+    Attributes
+    ----------
+    next_seq : int
+        Sequence number of the next frame :meth:`poll` returns.
+    done : bool
+        True once the producer's last frame has been returned.
+    """
+
+    def __init__(
+        self, run_dir: Path, start: int = 0, pipe: str = "stitch", wait_s: float = 60.0
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.pipe = pipe
+        self.wait_s = wait_s
+        self.next_seq = start
+        self.done = False
+        self._spool: SpoolReader | None = None
+        self._receiver: FrameReceiver | None = None
+        # Frames next_seq..fill_to-1 come from the spool before anything else.
+        self._fill_to: int | None = None
+        # After that fill the stream is over (end message, or producer finished).
+        self._final = False
+        # A bus frame that arrived ahead of a gap, served once the gap is filled.
+        self._held: tuple[int, Frame] | None = None
+        self._silent_since = time.monotonic()
+
+    def poll(self, timeout_s: float) -> tuple[int, Frame] | None:
+        """The next ``(seq, frame)``, or None when none comes within ``timeout_s``.
+
+        Also None once :attr:`done`.  Frames already known (queued on the bus
+        or due from the spool) are returned without waiting.
+
+        Raises
+        ------
+        BusError
+            When the producer does not appear, or sends nothing at all, for
+            ``wait_s`` seconds.
+        SpoolError
+            When a frame due from the spool cannot be read.
+        """
+        deadline = time.monotonic() + max(timeout_s, 0.0)
+        while not self.done:
+            item = self._from_backlog()
+            if item is not None or self.done:
+                return item
+            receiver = self._receiver
+            if receiver is None:
+                if capture_finished(self.run_dir):
+                    self._finish_from_spool(None)
+                elif not self._try_connect():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    time.sleep(min(remaining, 0.05))
+                continue
+            wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)
+            message = receiver.recv(timeout_ms=wait_ms)
+            if message is None:
+                if capture_finished(self.run_dir):
+                    # The producer is gone; whatever is left is on disk.
+                    self._finish_from_spool(None)
+                    continue
+                if time.monotonic() - self._silent_since > self.wait_s:
+                    raise BusError(
+                        f"{self.run_dir}: no frames or heartbeats for {self.wait_s:.0f} s"
+                    )
+                return None
+            self._silent_since = time.monotonic()
+            if message.kind is Kind.HEARTBEAT:
+                continue
+            if message.kind is Kind.END:
+                self._finish_from_spool(message.count)
+                continue
+            if message.seq < self.next_seq or message.frame is None:
+                continue
+            # The message buffer is reused by nothing, but copy: the stage keeps frames.
+            item = (message.seq, Frame(message.frame.image.copy(), message.frame.meta))
+            if message.seq > self.next_seq:
+                log.info("frames %d..%d read from the spool", self.next_seq, message.seq - 1)
+                self._fill_to = message.seq
+                self._held = item
+                continue
+            self.next_seq = message.seq + 1
+            return item
+        return None
+
+    def close(self) -> None:
+        """Disconnect from the bus (the spool needs no closing)."""
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+
+    def __enter__(self) -> FrameFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reader(self) -> SpoolReader:
+        if self._spool is None:
+            self._spool = SpoolReader(self.run_dir)
+        return self._spool
+
+    def _from_backlog(self) -> tuple[int, Frame] | None:
+        """A frame due from the spool fill or held back, if any (may set :attr:`done`)."""
+        if self._fill_to is not None:
+            if self.next_seq < self._fill_to:
+                seq = self.next_seq
+                frame = self._reader().read(seq)
+                self.next_seq += 1
+                return seq, frame
+            self._fill_to = None
+            if self._final:
+                self.done = True
+                self.close()
+                return None
+        if self._held is not None:
+            item, self._held = self._held, None
+            self.next_seq = item[0] + 1
+            return item
+        return None
+
+    def _finish_from_spool(self, upto: int | None) -> None:
+        """End of stream: serve the rest (up to ``upto``, or all committed) from the spool."""
+        self._final = True
+        self._fill_to = self._reader().refresh() if upto is None else upto
+        # Disconnecting now lets the producer's sender see that its end arrived.
+        self.close()
+
+    def _try_connect(self) -> bool:
+        """Connect to the pipe once the producer has published its endpoints."""
+        try:
+            endpoints = read_endpoints(self.run_dir, timeout_s=0.0)
+        except BusError:
+            if time.monotonic() - self._silent_since > self.wait_s:
+                raise
+            return False
+        if self.pipe not in endpoints.pipes:
+            known = ", ".join(endpoints.pipes) or "none"
+            raise BusError(
+                f"{self.run_dir}: its producer has no pipe {self.pipe!r} (pipes: {known})"
+            )
+        self._receiver = FrameReceiver(endpoints.pipes[self.pipe])
+        self._silent_since = time.monotonic()
+        return True
 
 
 def frames_in_order(
@@ -36,70 +214,20 @@ def frames_in_order(
     pipe: str = "stitch",
     wait_s: float = 60.0,
 ) -> Iterator[tuple[int, Frame]]:
-    """Yield ``(seq, frame)`` from ``start`` on, until the run's last frame.
+    """Yield ``(seq, frame)`` from ``start`` on, until the producer's last frame.
 
-    Parameters
-    ----------
-    run_dir : Path
-        Run directory of the capture.
-    start : int
-        First sequence number wanted (a resumed stitcher skips what it has).
-    pipe : str
-        Bus pipe to consume while the capture is running.
-    wait_s : float
-        How long to wait for the capture to appear or to send anything
-        before giving up with :class:`BusError`.
+    A generator over :class:`FrameFeed` (see there for the parameters).
+
+    Raises
+    ------
+    BusError
+        When the producer does not appear, or sends nothing, for ``wait_s`` s.
     """
-    run_dir = Path(run_dir)
-    spool: SpoolReader | None = None
-    nxt = start
-
-    def from_spool(upto: int | None) -> Iterator[tuple[int, Frame]]:
-        nonlocal spool, nxt
-        if spool is None:
-            spool = SpoolReader(run_dir)
-        end = spool.refresh() if upto is None else upto
-        while nxt < end:
-            yield nxt, spool.read(nxt)
-            nxt += 1
-
-    if capture_finished(run_dir):
-        yield from from_spool(None)
-        return
-    receiver = _connect(run_dir, pipe, wait_s)
+    feed = FrameFeed(run_dir, start, pipe, wait_s)
     try:
-        silent_since = time.monotonic()
-        while True:
-            message = receiver.recv(timeout_ms=500)
-            if message is None:
-                if capture_finished(run_dir):
-                    # The capture is gone; whatever is left is on disk.
-                    yield from from_spool(None)
-                    return
-                if time.monotonic() - silent_since > wait_s:
-                    raise BusError(f"{run_dir}: no frames or heartbeats for {wait_s:.0f} s")
-                continue
-            silent_since = time.monotonic()
-            if message.kind is Kind.HEARTBEAT:
-                continue
-            if message.kind is Kind.END:
-                yield from from_spool(message.count)
-                return
-            if message.seq < nxt or message.frame is None:
-                continue
-            if message.seq > nxt:
-                log.info("frames %d..%d read from the spool", nxt, message.seq - 1)
-                yield from from_spool(message.seq)
-            # The message buffer is reused by nothing, but copy: the stage keeps frames.
-            yield message.seq, Frame(message.frame.image.copy(), message.frame.meta)
-            nxt = message.seq + 1
+        while not feed.done:
+            item = feed.poll(0.5)
+            if item is not None:
+                yield item
     finally:
-        receiver.close()
-
-
-def _connect(run_dir: Path, pipe: str, wait_s: float) -> FrameReceiver:
-    endpoints = read_endpoints(run_dir, timeout_s=wait_s)
-    if pipe not in endpoints.pipes:
-        known = ", ".join(endpoints.pipes) or "none"
-        raise BusError(f"{run_dir}: the capture has no pipe {pipe!r} (pipes: {known})")
-    return FrameReceiver(endpoints.pipes[pipe])
+        feed.close()

@@ -71,6 +71,7 @@ class StitchSummary:
     """What the stitch stage did (also ``stitch.json``)."""
 
     frames: int = 0
+    frames_dir: str = "."
     statuses: dict[str, int] = field(default_factory=dict)
     rows: int = 0
     layout: str = "auto"
@@ -162,7 +163,10 @@ class RenderProcess:
     Parameters
     ----------
     run_dir : Path
-        Run directory (spool in, mosaic out).
+        Run directory (mosaic out).
+    frames_dir : Path
+        Folder whose spool holds the frames that were registered (the run
+        directory, or ``RUN_DIR/denoised``): the mosaic shows those pixels.
     frame_shape : (height, width)
         Frame shape, pixels.
     pixel_size_um : float or None
@@ -174,6 +178,7 @@ class RenderProcess:
     def __init__(
         self,
         run_dir: Path,
+        frames_dir: Path,
         frame_shape: tuple[int, int],
         pixel_size_um: float | None,
         chunk_px: int,
@@ -182,7 +187,9 @@ class RenderProcess:
         ctx = mp.get_context("spawn")  # never fork a process holding ZeroMQ sockets
         self._inbox: Any = ctx.Queue(maxsize=1024)
         self._outbox: Any = ctx.Queue()
-        args = (str(run_dir), frame_shape, pixel_size_um, chunk_px, preview_max_side)
+        args = (
+            str(run_dir), str(frames_dir), frame_shape, pixel_size_um, chunk_px, preview_max_side
+        )  # fmt: skip
         self._proc = ctx.Process(
             target=_render_main, args=(*args, self._inbox, self._outbox), name="render", daemon=True
         )
@@ -220,6 +227,7 @@ class RenderProcess:
 
 def _render_main(
     run_dir: str,
+    frames_dir: str,
     frame_shape: tuple[int, int],
     pixel_size_um: float | None,
     chunk_px: int,
@@ -234,7 +242,7 @@ def _render_main(
             path / MOSAIC_DIR, frame_shape,
             pixel_size_um=pixel_size_um, chunk=chunk_px, overwrite=True,
         )  # fmt: skip
-        assembler = Assembler(canvas, SpoolReader(path).image)
+        assembler = Assembler(canvas, SpoolReader(Path(frames_dir)).image)
         while (text := inbox.get()) is not None:
             assembler.add(record_to_placement(json.loads(text)))
         positions = assembler.finish()
@@ -268,22 +276,45 @@ def run_stitch(
     run_dir: Path,
     config: Config,
     *,
+    frames_dir: Path | None = None,
     pipe: str = "stitch",
     stop: threading.Event | None = None,
     progress: bool = True,
     wait_s: float = 60.0,
 ) -> StitchSummary:
-    """Run the stitch stage on ``run_dir`` until the capture's last frame.
+    """Run the stitch stage on ``run_dir`` until the producer's last frame.
 
     Resumes from ``positions.csv``/``stitch.journal`` when they exist: the
     journaled frames are not registered again, and the mosaic is rebuilt
     from the spool, so the result equals an uninterrupted run's.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Run directory: the capture's ``capture.csv`` is read there, and the
+        journal, mosaic, positions and summary are written there.
+    config : Config
+        Stitch settings (``config.stitch``).
+    frames_dir : Path or None
+        Frames folder to stitch (its ``bus.json``, ``frames.zarr`` and
+        completion marker; see :mod:`cemi_stream.stitch.feed`): None is
+        ``run_dir`` (the raw capture), ``RUN_DIR/denoised`` stitches the
+        denoise stage's output.
+    pipe : str
+        Bus pipe to consume while the producer runs.
+    stop : threading.Event or None
+        Set it to stop after the current frame.
+    progress : bool
+        Show a progress counter on stderr.
+    wait_s : float
+        How long to wait for the producer to appear or send anything.
     """
     run_dir = Path(run_dir)
+    frames_dir = run_dir if frames_dir is None else Path(frames_dir)
     stop = stop or threading.Event()
     cfg = config.stitch
     started = time.monotonic()
-    summary = StitchSummary(layout=cfg.layout)
+    summary = StitchSummary(layout=cfg.layout, frames_dir=_relative(frames_dir, run_dir))
     journaled = read_journal(run_dir)
     summary.resumed_from = len(journaled)
     registrar = Registrar(RegisterConfig(min_score=cfg.min_score))
@@ -296,7 +327,7 @@ def run_stitch(
     bar = Progress("stitch", enabled=progress)
     pixel_size_um = cfg.pixel_size_um
     try:
-        for seq, frame in frames_in_order(run_dir, 0, pipe, wait_s=wait_s):
+        for seq, frame in frames_in_order(frames_dir, 0, pipe, wait_s=wait_s):
             if stop.is_set():
                 break
             if tracker is None or renderer is None:
@@ -304,8 +335,9 @@ def run_stitch(
                     pixel_size_um = frame.meta.pixel_size_nm / 1000.0
                 tracker = PathTracker(registrar, frame.shape, layout=cfg.layout)
                 renderer = RenderProcess(
-                    run_dir, frame.shape, pixel_size_um, cfg.chunk_px, cfg.preview_max_side
-                )
+                    run_dir, frames_dir, frame.shape, pixel_size_um, cfg.chunk_px,
+                    cfg.preview_max_side,
+                )  # fmt: skip
             t0 = time.perf_counter()
             stage_px = _stage_px(frame.meta)
             if seq < len(journaled):
@@ -324,7 +356,7 @@ def run_stitch(
             summary.frames += 1
             bar.update(summary.frames, f"row {placement.row}")
         if tracker is None or renderer is None:
-            raise CemiError(f"{run_dir}: the capture delivered no frames to stitch")
+            raise CemiError(f"{frames_dir}: the producer delivered no frames to stitch")
         result = renderer.finish()
         renderer = None
         timings["render"] = result["render_s"]
@@ -366,6 +398,14 @@ def run_stitch(
         summary.residuals.get("rms_px", 0.0),
     )  # fmt: skip
     return summary
+
+
+def _relative(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` when inside it (``"."``, ``"denoised"``), else absolute."""
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _stage_px(meta: FrameMeta) -> tuple[float, float] | None:

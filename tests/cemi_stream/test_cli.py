@@ -32,6 +32,9 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         ("extract", ["SOURCE", "--out", "--overlap"]),
         ("capture", ["SOURCE", "--run-dir"]),
         ("tap", ["--run-dir", "--pipe"]),
+        ("stitch", ["--run-dir", "--frames-dir", "--pixel-size-um", "--layout"]),
+        ("replay", ["SOURCE", "--out", "--denoise", "--model", "--keyframes"]),
+        ("denoise-stage", ["--run-dir", "--backend", "--model", "--batch"]),
         ("demo", ["--out"]),
     ],
 )  # fmt: skip
@@ -73,6 +76,21 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     result = run("extract", "sim:", "--out", str(tmp_path / "o6"), "--overlap", "1.5")
     assert result.returncode == 2 and "--overlap" in result.stderr
     assert not (tmp_path / "r").exists()  # nothing created for a source that never opened
+
+
+def test_replay_denoise_options_fail_fast_in_one_line(tmp_path: Path) -> None:
+    """Bad backend or model: one line, exit 2, before any process or folder is created."""
+    out = tmp_path / "run"
+    missing = tmp_path / "no-such-model.safetensors"
+    result = run("replay", "sim:", "--out", str(out), "--denoise", "cpu", "--model", str(missing))
+    _single_line_error(result, str(missing))
+    assert result.returncode == 2
+    result = run("replay", "sim:", "--out", str(out), "--denoise", "gpu")
+    _single_line_error(result, "--denoise gpu", "cpu")
+    assert result.returncode == 2
+    result = run("replay", "sim:", "--out", str(out), "--model", "x")
+    _single_line_error(result, "--model")
+    assert not out.exists()
 
 
 def test_simulate_then_extract_contract(tmp_path: Path) -> None:
