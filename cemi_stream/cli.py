@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "it in a child process and receive its keyframes over the bus, then print what happened.",
     )
     p.add_argument("--out", type=Path, default=Path("demo-run"), metavar="DIR")
+    p.add_argument(
+        "--denoise",
+        choices=["auto", "off", "cpu", "onnx", "cuda", "tensorrt"],
+        default="auto",
+        help="denoise with the shipped model (auto: when the ml extra is installed)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -456,7 +462,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _setup_logging(args, config)
-    return run_demo(args.out, quiet=args.quiet)
+    return run_demo(args.out, quiet=args.quiet, denoise=args.denoise)
 
 
 class _stop_on_signals:  # noqa: N801 - used as a context manager, reads like a function

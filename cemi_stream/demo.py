@@ -1,24 +1,32 @@
 """``demo``: the pipeline on the embedded virtual SEM.
 
 A simulated stage traversal recorded as video (3 raster rows, low-definition
-noise, FEI-style data bar) is replayed through the real capture and stitch
-processes (``replay``); then the demo checks the mosaic against the
+noise, FEI-style data bar) is replayed through the real capture, denoise and
+stitch processes (``replay``); then the demo checks the mosaic against the
 simulator's ground truth and reports what happened.  The run directory holds
 the mosaic (``mosaic.ome.zarr``), ``positions.csv``, ``run.json``,
-``preview.png`` and ``keyframes.png`` (a contact sheet of the keyframes).
+``preview.png``, ``keyframes.png`` (a contact sheet of the keyframes) and,
+when denoising ran, ``denoise.png`` (a raw keyframe beside its denoised
+version).
+
+Denoising uses the shipped default model; it is on when the ``ml`` extra
+(torch) is installed and off, with a note saying how to turn it on, when not.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .errors import CemiError
 from .replay import run_replay
 from .spool import SpoolReader
+from .stitch.feed import DENOISED_DIR
 
 DEMO_SIM = {
     "video": "1",
@@ -37,8 +45,40 @@ def demo_source() -> str:
     return "sim:?" + "&".join(f"{k}={v}" for k, v in DEMO_SIM.items())
 
 
-def run_demo(out: Path, quiet: bool = False) -> int:
-    """Run the demo into a fresh folder under ``out``; returns the exit code."""
+def demo_denoise(requested: str) -> tuple[str, str]:
+    """The demo's denoise backend and a note on the choice.
+
+    Parameters
+    ----------
+    requested : str
+        ``auto`` (on when torch and the default model are there), ``off``, or
+        a backend name.
+    """
+    if requested != "auto":
+        return requested, ""
+    if importlib.util.find_spec("torch") is None:
+        return "off", "off (install the ml extra for it: pip install -e '.[ml]')"
+    from models.zoo import resolve_model
+
+    try:
+        resolve_model(None)
+    except CemiError as exc:
+        return "off", f"off ({exc})"
+    return "auto", ""
+
+
+def run_demo(out: Path, quiet: bool = False, denoise: str = "auto") -> int:
+    """Run the demo into a fresh folder under ``out``; returns the exit code.
+
+    Parameters
+    ----------
+    out : Path
+        Parent folder of the run directory.
+    quiet : bool
+        No progress or report.
+    denoise : str
+        ``auto``, ``off`` or a denoise backend (see :func:`demo_denoise`).
+    """
     run_dir = Path(out) / time.strftime("run-%Y%m%d-%H%M%S")
     suffix = 1
     while run_dir.exists():
@@ -46,9 +86,11 @@ def run_demo(out: Path, quiet: bool = False) -> int:
         run_dir = Path(out) / time.strftime(f"run-%Y%m%d-%H%M%S-{suffix}")
     source = demo_source()
     say = (lambda *a: None) if quiet else print
-    say(f"cemi-stream demo: virtual SEM video -> capture -> bus -> stitch -> {run_dir}")
+    denoise, note = demo_denoise(denoise)
+    stages = "capture -> bus -> " + ("stitch" if denoise == "off" else "denoise -> stitch")
+    say(f"cemi-stream demo: virtual SEM video -> {stages} -> {run_dir}")
     say(f"  source: {source}")
-    summary = run_replay(source, run_dir, progress=not quiet)
+    summary = run_replay(source, run_dir, denoise=denoise, progress=not quiet)
     counts, timings, mosaic = summary["counts"], summary["timings"], summary["mosaic"]
     errors = position_errors(run_dir)
     spool = SpoolReader(run_dir)
@@ -56,6 +98,14 @@ def run_demo(out: Path, quiet: bool = False) -> int:
 
     say(f"  capture: {counts['frames_read']} video frames -> {counts['frames_kept']} keyframes "
         f"({_counts(counts['capture_reasons'])})")  # fmt: skip
+    if denoise != "off":
+        den = summary["denoise"]
+        frames = SpoolReader(run_dir / DENOISED_DIR)
+        cv2.imwrite(str(run_dir / "denoise.png"), _before_after(spool, frames))
+        say(f"  denoise: {den['frames']} frames with {den['model']} on {den['backend']}, "
+            f"{den['frames_per_s']:.1f} frames/s -> {run_dir / 'denoise.png'}")  # fmt: skip
+    else:
+        say(f"  denoise: {note or 'off'}")
     say(f"  stitch: {counts['stitched']} frames in {counts['rows']} rows "
         f"({_counts(counts['statuses'])}), "
         f"{timings['stitch_frames_per_s']:.0f} frames/s, layout {mosaic['layout']}")  # fmt: skip
@@ -92,6 +142,17 @@ def position_errors(run_dir: Path) -> dict[str, float]:
     diff -= np.median(diff, axis=0)
     err = np.hypot(diff[:, 0], diff[:, 1])
     return {"frames": len(err), "median": float(np.median(err)), "max": float(err.max())}
+
+
+def _before_after(raw: SpoolReader, denoised: SpoolReader, side: int = 384) -> np.ndarray:
+    """A centre crop of the middle keyframe, raw (left) and denoised (right), 1:1 pixels."""
+    seq = len(raw) // 2
+    a, b = raw.image(seq), denoised.image(seq)
+    h, w = a.shape
+    y0, x0 = max((h - side) // 2, 0), max((w - side) // 2, 0)
+    crops = [img[y0 : y0 + side, x0 : x0 + side] for img in (a, b)]
+    gap = np.full((crops[0].shape[0], 8), 255, np.uint8)
+    return np.hstack([crops[0], gap, crops[1]])
 
 
 def _contact_sheet(spool: SpoolReader) -> np.ndarray:

@@ -34,9 +34,9 @@ from .config import DENOISE_BACKENDS, load_config
 from .errors import CemiError, ConfigError, DenoiseError
 from .progress import Progress
 from .spool import SPOOL_DIR, TABLE_NAME
+from .stitch.feed import DENOISED_DIR
 
 RUN_SUMMARY = "run.json"
-DENOISED_DIR = "denoised"  # cemi_stream.denoise.stage.DENOISED_DIR (not imported: torch)
 DENOISE_SUMMARY = "denoise.json"
 # Longest wait for the denoise process to load its model and bind its bus, seconds.
 DENOISE_READY_S = 300.0

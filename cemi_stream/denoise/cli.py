@@ -223,5 +223,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nlm_h=args.nlm_h,
         progress=not args.quiet,
     )
-    print(json.dumps(result.get("overall", result), indent=2, default=str))
+    print(json.dumps(result["methods"], indent=2, default=str))
     return 0

@@ -46,12 +46,11 @@ from ..errors import BusError, CemiError, DenoiseError, SpoolError
 from ..frame import Frame
 from ..progress import Progress
 from ..spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
-from ..stitch.feed import DENOISE_SUMMARY, FrameFeed
+from ..stitch.feed import DENOISE_SUMMARY, DENOISED_DIR, FrameFeed
 from .infer import Denoiser
 
 log = logging.getLogger(__name__)
 
-DENOISED_DIR = "denoised"
 INPUT_PIPE = "denoise"
 LOG_FILE = "denoise.log"
 # The stage's bus takes the tcp ports from port_base + this on, clear of the capture's.

@@ -61,7 +61,14 @@ from .data import NoisyPatches, PairPatches, PatchSampler, SyntheticPatches, che
 from .degrade import DegradeConfig
 from .losses import FeatureExtractor, GANLoss, PerceptualLoss, n2n_loss, vgg19_extractor
 from .metrics import psnr, ssim
-from .pairs import IMAGE_SUFFIXES, AlignedPair, load_aligned_pairs, load_gray, select_ids
+from .pairs import (
+    IMAGE_SUFFIXES,
+    AlignedPair,
+    load_aligned_pairs,
+    load_gray,
+    pair_key,
+    select_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -893,9 +900,33 @@ def _strip(image: np.ndarray) -> np.ndarray:
     return detect_crop(image).rect.apply(image)
 
 
-def load_images(folder: Path) -> list[np.ndarray]:
-    """All images of a folder as uint8 ``(y, x)``, data bar and borders stripped."""
-    return [_strip(load_gray(p)) for p in _image_files(Path(folder))]
+def load_images(
+    folder: Path, keep: set[str] | None = None, drop: set[str] | None = None
+) -> list[np.ndarray]:
+    """The images of a folder as uint8 ``(y, x)``, data bar and borders stripped.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder of images (natural order).
+    keep, drop : set of str, optional
+        Image keys (:func:`~cemi_stream.denoise.pairs.pair_key`: the trailing
+        number, e.g. ``"007"``) to keep only, or to leave out - so that images
+        of the validation pairs never train a model in modes ``hd``/``noisy``.
+
+    Raises
+    ------
+    DenoiseError
+        When no image is left.
+    """
+    files = [
+        p
+        for p in _image_files(Path(folder))
+        if (keep is None or pair_key(p) in keep) and (drop is None or pair_key(p) not in drop)
+    ]
+    if not files:
+        raise DenoiseError(f"{folder}: no images left after the id selection")
+    return [_strip(load_gray(p)) for p in files]
 
 
 def load_video_frames(path: Path, max_frames: int = 500) -> list[np.ndarray]:
@@ -1034,10 +1065,13 @@ def run_training(
     else:
         if pair_dirs:
             val_pairs = _load_pair_sets(pair_dirs, val_set)
+        # As in mode pairs: without an explicit selection, validation ids stay out.
+        exclude = val_set if train_set is None else None
         if mode == "hd":
             if hd_dir is None:
                 raise ConfigError("mode hd needs a folder of HD images")
-            sampler = SyntheticPatches(load_images(Path(hd_dir)), patch_px, degrade_config, seed)
+            images = load_images(Path(hd_dir), keep=train_set, drop=exclude)
+            sampler = SyntheticPatches(images, patch_px, degrade_config, seed)
             data_dirs.append(str(hd_dir))
         else:
             if noisy_source is None:
@@ -1046,7 +1080,7 @@ def run_training(
             if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
                 frames = load_video_frames(source, max_frames)
             elif source.is_dir():
-                frames = load_images(source)
+                frames = load_images(source, keep=train_set, drop=exclude)
             else:
                 raise DenoiseError(f"{source}: neither a folder of images nor a video file")
             sampler = NoisyPatches(frames, patch_px, seed=seed)

@@ -18,17 +18,24 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec
 
 from ..bus import FrameReceiver, read_endpoints
 from ..errors import BusError
 from ..frame import Frame
 from ..protocol import Kind
-from ..spool import SpoolReader
+from ..spool import ARRAY_NAME, SPOOL_DIR, SpoolReader
 
 log = logging.getLogger(__name__)
 
 CAPTURE_SUMMARY = "capture.json"
 DENOISE_SUMMARY = "denoise.json"
+# Folder of a run directory holding the denoise stage's spool, bus and summary.
+DENOISED_DIR = "denoised"
 # Written by a producer only once every frame it will ever publish is in its spool.
 COMPLETION_MARKERS = (CAPTURE_SUMMARY, DENOISE_SUMMARY)
 
@@ -77,7 +84,7 @@ class FrameFeed:
         self.wait_s = wait_s
         self.next_seq = start
         self.done = False
-        self._spool: SpoolReader | None = None
+        self._spool: SpoolFrames | None = None
         self._receiver: FrameReceiver | None = None
         # Frames next_seq..fill_to-1 come from the spool before anything else.
         self._fill_to: int | None = None
@@ -159,9 +166,9 @@ class FrameFeed:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _reader(self) -> SpoolReader:
+    def _reader(self) -> SpoolFrames:
         if self._spool is None:
-            self._spool = SpoolReader(self.run_dir)
+            self._spool = SpoolFrames(self.run_dir)
         return self._spool
 
     def _from_backlog(self) -> tuple[int, Frame] | None:
@@ -206,6 +213,72 @@ class FrameFeed:
         self._receiver = FrameReceiver(endpoints.pipes[self.pipe])
         self._silent_since = time.monotonic()
         return True
+
+
+class SpoolFrames:
+    """Frames read back from a spool by sequence number, for the renderer.
+
+    An uncompressed spool (the default) stores each frame as one raw chunk
+    file, which is read directly: ~0.1 ms per 1024 x 768 frame against
+    ~0.8 ms through zarr's asynchronous pipeline (2-core dev machine).  Any
+    other layout, and a chunk file of unexpected size, goes through
+    :class:`~cemi_stream.spool.SpoolReader`.
+
+    Parameters
+    ----------
+    frames_dir : Path
+        Folder holding ``frames.zarr``.
+
+    Raises
+    ------
+    SpoolError
+        When there is no readable spool there.
+    """
+
+    def __init__(self, frames_dir: Path) -> None:
+        self._reader = SpoolReader(frames_dir)
+        self._shape = self._reader.frame_shape
+        self._dir: Path | None = None
+        self._meta: Any = None
+        array_dir = Path(frames_dir) / SPOOL_DIR / ARRAY_NAME
+        try:
+            array: Any = zarr.open_array(str(array_dir), mode="r")
+        except (OSError, ValueError, KeyError):
+            return  # SpoolReader opened it: read through it
+        meta = array.metadata
+        raw = (
+            array.dtype == np.uint8
+            and array.shards is None
+            and tuple(array.chunks) == (1, *self._shape)
+            and len(meta.codecs) == 1
+            and isinstance(meta.codecs[0], BytesCodec)
+        )
+        if raw:
+            self._dir, self._meta = array_dir, meta
+
+    def image(self, seq: int) -> np.ndarray:
+        """Pixels of frame ``seq``, uint8 ``(y, x)``."""
+        if self._dir is not None:
+            try:
+                data = np.fromfile(self._dir / self._meta.encode_chunk_key((seq, 0, 0)), np.uint8)
+            except OSError:
+                data = None  # not there yet as a file: let SpoolReader decide
+            h, w = self._shape
+            if data is not None and data.size == h * w:
+                return data.reshape(h, w)
+        return self._reader.image(seq)
+
+    def read(self, seq: int) -> Frame:
+        """Frame ``seq`` with its metadata (as :meth:`SpoolReader.read`)."""
+        if seq >= len(self._reader):
+            self._reader.refresh()
+        if not 0 <= seq < len(self._reader):
+            return self._reader.read(seq)  # raises SpoolError
+        return Frame(self.image(seq), self._reader.meta(seq))
+
+    def refresh(self) -> int:
+        """Pick up newly committed frames; returns the frame count."""
+        return self._reader.refresh()
 
 
 def frames_in_order(

@@ -414,6 +414,42 @@ class Registrar:
                 best = other
         return best
 
+    def refine(
+        self,
+        ref: Prepared,
+        mov: Prepared,
+        predicted: tuple[float, float],
+        search_px: float | None = None,
+    ) -> Shift:
+        """Translation near a trusted prediction: the fine stage alone, else :meth:`register`.
+
+        For a prediction that is already good to a few pixels (a row-to-row
+        link predicted from the frame's placement along its row), the coarse
+        search only confirms it.  The full-resolution stage is run at the
+        prediction directly (it finds the peak within ``downsample + 2`` px of
+        it, with the same sub-pixel refinement and the same checks); only when
+        that is not trusted does the full search run.  Saves about a third
+        of a registration where it holds.
+
+        Parameters and result as :meth:`register` (``predicted`` required).
+        """
+        cfg = self.config
+        for prep in (ref, mov):
+            if not isinstance(prep, Prepared) or prep.owner != cfg:
+                raise RegistrationError(
+                    "register: frames must come from prepare() of a registrar with this "
+                    "configuration"
+                )
+        guess = (float(predicted[0]), float(predicted[1]))
+        if not all(math.isfinite(v) for v in guess):
+            raise RegistrationError(f"register: predicted shift {guess} is not finite")
+        bound = cfg.search_px if search_px is None else search_px
+        if ref is not mov and not (ref.flat or mov.flat):
+            shift = self._fine(ref, mov, _Candidate(guess[0], guess[1], 0.0, 0.0), guess, bound)
+            if shift.ok:
+                return shift
+        return self.register(ref, mov, guess, search_px)
+
     # -- coarse stage --------------------------------------------------------
 
     def _coarse(
@@ -637,7 +673,14 @@ class Registrar:
             img *= self._window(img.shape, edges)
         full = _dft_view(img)
         (r0, r1), (c0, c1) = band.rows, band.cols
-        spec = np.block([[full[r0, c0], full[r0, c1]], [full[r1, c0], full[r1, c1]]])
+        # The four corner blocks, assembled by slicing (np.block's checks cost
+        # more than the copies at this size).
+        ny, nx = r0.stop, c0.stop
+        spec = np.empty((len(band.fy), len(band.fx)), np.complex64)
+        spec[:ny, :nx] = full[r0, c0]
+        spec[:ny, nx:] = full[r0, c1]
+        spec[ny:, :nx] = full[r1, c0]
+        spec[ny:, nx:] = full[r1, c1]
         if edges == "periodic":
             jump_rows = np.fft.fft(img[-1, :] - img[0, :])[band.fx]
             jump_cols = np.fft.fft(img[:, -1] - img[:, 0])[band.fy]

@@ -38,8 +38,7 @@ from ..config import Config, to_dict
 from ..errors import CemiError
 from ..frame import FrameMeta
 from ..progress import Progress
-from ..spool import SpoolReader
-from .feed import frames_in_order
+from .feed import SpoolFrames, frames_in_order
 from .journal import (
     POSITIONS,
     POSITIONS_HEADER,
@@ -242,7 +241,7 @@ def _render_main(
             path / MOSAIC_DIR, frame_shape,
             pixel_size_um=pixel_size_um, chunk=chunk_px, overwrite=True,
         )  # fmt: skip
-        assembler = Assembler(canvas, SpoolReader(Path(frames_dir)).image)
+        assembler = Assembler(canvas, SpoolFrames(Path(frames_dir)).image)
         while (text := inbox.get()) is not None:
             assembler.add(record_to_placement(json.loads(text)))
         positions = assembler.finish()

@@ -319,8 +319,13 @@ class PathTracker:
             return
         sx, sy = self.positions[best_seq]
         predicted = (x - sx, y - sy)
-        search = 0.1 * self.width if placement.status == PLACED else None
-        shift = self.registrar.register(self._prepared[best_seq], cur, predicted, search)
+        if placement.status == PLACED:
+            # Predicted from a registered placement: good to a few pixels.
+            shift = self.registrar.refine(
+                self._prepared[best_seq], cur, predicted, 0.1 * self.width
+            )
+        else:
+            shift = self.registrar.register(self._prepared[best_seq], cur, predicted, None)
         if not shift.ok:
             return
         placement.constraints.append(

@@ -65,7 +65,7 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_known_shift_is_recovered_under_strong_noise(kriss_hd: np.ndarray) -> None:
     clean, noisy, hd = shifted_pair(kriss_hd, 3, -2, sigma=40.0)
-    pair = align_pair(noisy, hd, name="synthetic")
+    pair = align_pair(noisy, hd, name="synthetic", subpixel=False)
     dy, dx = pair.shift_yx
     assert abs(dy - 3) < 0.5 and abs(dx + 2) < 0.5, pair.shift_yx
     assert pair.ld.shape == pair.hd.shape
@@ -126,8 +126,9 @@ def test_real_kriss_pairs_all_align(kriss: Path, which: str) -> None:
         assert abs(dy) <= 6 and abs(dx) <= 6, (pair.name, pair.shift_yx)
         assert pair.score > 0.5, (pair.name, pair.score)
         assert pair.ld.shape == pair.hd.shape and pair.ld.dtype == np.uint8
-        # Data bar (29 rows) and frame gone; at most the drift cut off.
-        assert 430 <= pair.ld.shape[0] <= 439 and 500 <= pair.ld.shape[1] <= 509
+        # Data bar (29 rows) and frame gone; at most the drift and the
+        # 3-px resampling margin on each side cut off.
+        assert 424 <= pair.ld.shape[0] <= 433 and 494 <= pair.ld.shape[1] <= 503
         if max(abs(dy), abs(dx)) >= 2:
             # Registration matters: the unshifted stripped frames agree less.
             assert pair.frame_crop is not None
@@ -230,3 +231,25 @@ def test_list_pairs_errors(tmp_path: Path) -> None:
         list_pairs(ld, hd)
     with pytest.raises(DenoiseError, match="LD folder does not exist"):
         load_aligned_pairs(tmp_path / "nope", hd)
+
+
+def test_subpixel_alignment_resamples_hd_onto_the_ld_grid(kriss_hd: np.ndarray) -> None:
+    # LD sees the specimen shifted by a fractional (dy, dx); the whole-pixel
+    # crop leaves up to half a pixel, the sub-pixel resampling (nearly) none.
+    clean = kriss_hd.astype(np.float32)
+    dy, dx = 2.5, -1.5
+    warp = np.float32([[1, 0, dx], [0, 1, dy]])
+    size = (clean.shape[1], clean.shape[0])
+    flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
+    ld_clean = cv2.warpAffine(clean, warp, size, flags=flags, borderMode=cv2.BORDER_REFLECT)
+    rng = np.random.default_rng(3)
+    ld = np.clip(ld_clean + rng.normal(0, 30, clean.shape), 0, 255).astype(np.uint8)
+    hd = kriss_hd
+    errors = {}
+    for subpixel in (False, True):
+        pair = align_pair(ld, hd, name="frac", subpixel=subpixel)
+        assert pair.ld.shape == pair.hd.shape
+        assert pair.ld_rect is not None and pair.frame_crop is not None
+        truth = pair.ld_rect.apply(pair.frame_crop.apply(ld_clean))
+        errors[subpixel] = float(np.abs(truth - pair.hd.astype(np.float32)).mean())
+    assert errors[True] < 0.5 * errors[False], errors

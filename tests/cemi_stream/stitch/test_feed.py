@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pytest
 import zmq
 
 from cemi_stream.bus import FrameLog, PipeSender, make_endpoints, write_endpoints
 from cemi_stream.config import BusConfig, SpoolConfig
+from cemi_stream.errors import SpoolError
 from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.spool import FrameSpool
-from cemi_stream.stitch.feed import FrameFeed, capture_finished, frames_in_order
+from cemi_stream.spool import FrameSpool, SpoolReader
+from cemi_stream.stitch.feed import (
+    FrameFeed,
+    SpoolFrames,
+    capture_finished,
+    frames_in_order,
+)
 
 
 def _frame(i: int) -> Frame:
@@ -33,6 +40,28 @@ def test_finished_producer_is_read_from_its_spool(tmp_path: Path) -> None:
     got = list(frames_in_order(tmp_path, start=1, wait_s=1))
     assert [seq for seq, _ in got] == [1, 2]
     assert np.array_equal(got[1][1].image, _frame(2).image) and got[1][1].meta.src_index == 12
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_spool_frames_read_what_the_spool_reader_reads(
+    tmp_path: Path, compression: Literal["none", "lz4"]
+) -> None:
+    """Raw chunk files are read directly, compressed ones through zarr: the same frames."""
+    spool = FrameSpool.create(tmp_path, (32, 48), SpoolConfig(compression=compression))
+    for i in range(3):
+        spool.append(_frame(i))
+    frames = SpoolFrames(tmp_path)
+    reader = SpoolReader(tmp_path)
+    for i in range(3):
+        got = frames.read(i)
+        assert np.array_equal(got.image, reader.image(i))
+        assert np.array_equal(frames.image(i), _frame(i).image)
+        assert got.meta == reader.meta(i)
+    spool.append(_frame(3))  # committed after the reader opened
+    assert np.array_equal(frames.read(3).image, _frame(3).image)
+    spool.close()
+    with pytest.raises(SpoolError):
+        frames.read(4)
 
 
 def test_poll_returns_when_nothing_arrives(tmp_path: Path) -> None:

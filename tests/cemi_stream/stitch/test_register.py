@@ -189,6 +189,28 @@ def test_prediction_and_search_region(
     assert not shift.ok
 
 
+def test_refine_near_a_good_prediction_and_falls_back_on_a_bad_one(
+    registrar: Registrar, sim_pairs: dict[str, list[Pair]]
+) -> None:
+    """``refine`` agrees with ``register``; a prediction beyond its reach takes the full search."""
+    for a, b, (tx, ty), _ in sim_pairs["ld"]:
+        pa, pb = registrar.prepare(a), registrar.prepare(b)
+        full = registrar.register(pa, pb, (tx + 3, ty - 2), 50)
+        near = registrar.refine(pa, pb, (tx + 3, ty - 2), 50)
+        assert full.ok and near.ok
+        assert math.hypot(near.dx - tx, near.dy - ty) < 0.5
+        assert math.hypot(near.dx - full.dx, near.dy - full.dy) < 0.2
+    a, b, (tx, ty), _ = sim_pairs["ld"][0]
+    pa, pb = registrar.prepare(a), registrar.prepare(b)
+    # 40 px off: outside the fine stage's reach, found by the fallback search.
+    far = registrar.refine(pa, pb, (tx + 40, ty), 60)
+    assert far.ok and math.hypot(far.dx - tx, far.dy - ty) < 0.5
+    # Out of the bound: refused, as register refuses it.
+    assert not registrar.refine(pa, pb, (tx + 150, ty + 60), 40).ok
+    with pytest.raises(RegistrationError):
+        registrar.refine(pa, pb, (math.nan, 0.0))
+
+
 # -- refusals ----------------------------------------------------------------------
 
 
