@@ -142,6 +142,12 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -194,6 +200,8 @@ def save_model(model: RRDBNet, path: Path, card: ModelCard) -> Path:
         # One metadata key only: safetensors writes the metadata map in arbitrary
         # order, and the file's bytes must be reproducible for model_hash.
         save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; a shipped model must be readable.
+        os.chmod(tmp_weights, 0o666 & ~_umask())
         _fsync(tmp_weights)
         with open(tmp_card, "w", encoding="utf-8") as fh:
             json.dump(card.to_dict(), fh, indent=2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -182,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name,
         val_every=args.val_every,
         checkpoint_every=args.checkpoint_every,
-        command=shlex.join(["python", "run_daemon.py", *sys.argv[1:]]),
+        command=shlex.join(["python", "run_daemon.py", *args.argv]),
         progress=not args.quiet,
     )
     print(path)
