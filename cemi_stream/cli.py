@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from . import __version__
-from .config import Config, load_config
+from .config import DENOISE_BACKENDS, Config, load_config
 from .errors import CemiError
 
 log = logging.getLogger("cemi_stream")
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-run"), metavar="DIR")
     p.add_argument(
         "--denoise",
-        choices=["auto", "off", "cpu", "onnx", "cuda", "tensorrt"],
+        choices=["off", *DENOISE_BACKENDS],
         default="auto",
         help="denoise with the shipped model (auto: when the ml extra is installed)",
     )

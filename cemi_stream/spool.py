@@ -171,7 +171,6 @@ class FrameSpool:
             raise SpoolError(f"{path}: cannot reopen the spool ({exc})") from None
         spool = cls(path, group, array, table, config)
         spool._count = count
-        spool._capacity = max(spool._capacity, count)
         group.attrs["complete"] = False  # until this process closes it cleanly
         return spool
 

@@ -18,6 +18,7 @@ its class; :func:`create_backend` builds one by name, resolving ``"auto"``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -306,6 +307,26 @@ def _collapsed(y: Tensor) -> bool:
     return float((y.abs() < _BLACK_LEVEL).float().mean()) >= _BLACK_SHARE
 
 
+def _checked_first_batch(y: Tensor, fp32: Callable[[], Tensor], what: str) -> tuple[Tensor, bool]:
+    """Guard a half-precision output: ``(output, fall_back_to_fp32)``.
+
+    When ``y`` is NaN/Inf or black while the fp32 output (``fp32()``, computed
+    only then) is not, the fp32 output is returned, a warning says so, and the
+    caller runs fp32 for the rest of the run.
+    """
+    if not _collapsed(y):
+        return y, False
+    y32 = fp32()
+    if _collapsed(y32):
+        return y, False
+    log.warning(
+        "%s output of the first batch is NaN/Inf or black while fp32 is not; "
+        "running fp32 for the rest of this run",
+        what,
+    )
+    return y32, True
+
+
 def _require_cuda(backend: str) -> Any:
     import torch
 
@@ -370,17 +391,11 @@ class CudaBackend:
         y = self._infer(x, self.dtype)
         if not self._checked:
             self._checked = True
-            if _collapsed(y):
-                y32 = self._infer(x, None)
-                if not _collapsed(y32):
-                    log.warning(
-                        "cuda backend: the %s output of the first batch is NaN/Inf or black "
-                        "while fp32 is not; running fp32 for the rest of this run",
-                        self.precision,
-                    )
-                    self.dtype = None
-                    self.precision = "fp32"
-                    y = y32
+            what = f"cuda backend: the {self.precision}"
+            y, fall_back = _checked_first_batch(y, lambda: self._infer(x, None), what)
+            if fall_back:
+                self.dtype = None
+                self.precision = "fp32"
         return np.ascontiguousarray(y.cpu().numpy(), dtype=np.float32)
 
 
@@ -501,16 +516,10 @@ class TensorRTBackend:
                     y = engine(x.half()).float()
                 if not self._checked:
                     self._checked = True
-                    if _collapsed(y):
-                        y32 = self._fp32(x)
-                        if not _collapsed(y32):
-                            log.warning(
-                                "tensorrt backend: the fp16 engine's output of the first batch "
-                                "is NaN/Inf or black while fp32 is not; running fp32 PyTorch "
-                                "on the GPU for the rest of this run"
-                            )
-                            self._fallback = True
-                            y = y32
+                    what = "tensorrt backend: the fp16 engine's"
+                    y, self._fallback = _checked_first_batch(
+                        y, functools.partial(self._fp32, x), what
+                    )
             outputs.append(y.cpu().numpy())
         return np.ascontiguousarray(np.concatenate(outputs), dtype=np.float32)
 

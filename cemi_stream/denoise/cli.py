@@ -12,10 +12,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import DENOISE_BACKENDS
 from ..errors import ConfigError
-
-# Backends accepted on the command line (checked again by the inference code).
-BACKEND_CHOICES = ("auto", "cpu", "onnx", "cuda", "tensorrt")
 
 
 def _milestones(text: str) -> tuple[float, ...]:
@@ -110,7 +108,7 @@ def add_commands(
     p.add_argument(
         "--model", metavar="NAME|PATH", help="model name or .safetensors file (default: shipped)"
     )
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--backend", choices=DENOISE_BACKENDS, default="auto")
     p.add_argument(
         "--tile", type=int, default=0, metavar="PX", help="denoise in tiles of PX (0: whole)"
     )
@@ -135,7 +133,7 @@ def add_commands(
         help="model to score (repeatable; default: the shipped model)",
     )  # fmt: skip
     p.add_argument("--ids", metavar="IDS", help="pair numbers to score, e.g. 33-40 (default all)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    p.add_argument("--backend", choices=DENOISE_BACKENDS, default="auto")
     p.add_argument("--nlm-h", type=float, help="non-local means strength (default: tuned)")
     p.add_argument("--out", type=Path, default=Path("eval-denoiser"), metavar="DIR")
     add_common(p)

@@ -382,12 +382,7 @@ class Registrar:
             or a non-finite prediction.
         """
         cfg = self.config
-        for prep in (ref, mov):
-            if not isinstance(prep, Prepared) or prep.owner != cfg:
-                raise RegistrationError(
-                    "register: frames must come from prepare() of a registrar with this "
-                    "configuration"
-                )
+        self._check_prepared(ref, mov)
         if predicted is not None:
             predicted = (float(predicted[0]), float(predicted[1]))
             if not all(math.isfinite(v) for v in predicted):
@@ -414,6 +409,14 @@ class Registrar:
                 best = other
         return best
 
+    def _check_prepared(self, *frames: Prepared) -> None:
+        for prep in frames:
+            if not isinstance(prep, Prepared) or prep.owner != self.config:
+                raise RegistrationError(
+                    "register: frames must come from prepare() of a registrar with this "
+                    "configuration"
+                )
+
     def refine(
         self,
         ref: Prepared,
@@ -434,12 +437,7 @@ class Registrar:
         Parameters and result as :meth:`register` (``predicted`` required).
         """
         cfg = self.config
-        for prep in (ref, mov):
-            if not isinstance(prep, Prepared) or prep.owner != cfg:
-                raise RegistrationError(
-                    "register: frames must come from prepare() of a registrar with this "
-                    "configuration"
-                )
+        self._check_prepared(ref, mov)
         guess = (float(predicted[0]), float(predicted[1]))
         if not all(math.isfinite(v) for v in guess):
             raise RegistrationError(f"register: predicted shift {guess} is not finite")

@@ -234,3 +234,24 @@ def test_tensorrt_matches_cpu_and_caches_the_engine(model_path: Path, tmp_path: 
     # A new backend loads the cached engine and gives the same output.
     again = Denoiser(model_path, "tensorrt", cache_dir=tmp_path).denoise_float(image)
     assert float(np.abs(again - out).max()) <= 1e-3
+
+
+def test_first_batch_guard_falls_back_only_when_fp32_is_sound() -> None:
+    # The cuda and tensorrt backends share this guard; it runs on CPU tensors too.
+    from cemi_stream.denoise.backends import _checked_first_batch
+
+    good = torch.full((1, 1, 8, 8), 0.5)
+    black = torch.zeros((1, 1, 8, 8))
+    nan = torch.full((1, 1, 8, 8), float("nan"))
+    calls: list[int] = []
+
+    def fp32(value: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return value
+
+    assert _checked_first_batch(good, lambda: fp32(good), "t") == (good, False)
+    assert not calls  # a sound half-precision output costs no fp32 pass
+    y, fall_back = _checked_first_batch(nan, lambda: fp32(good), "t")
+    assert fall_back and y is good
+    y, fall_back = _checked_first_batch(black, lambda: fp32(black), "t")
+    assert not fall_back and y is black  # fp32 no better: keep going as configured

@@ -16,14 +16,6 @@ from cemi_stream.errors import DenoiseError
 HS = (10.0, 20.0)
 
 
-@pytest.fixture(scope="module")
-def kriss(data_dir: Path) -> Path:
-    path = data_dir / "kriss-sem-pairs"
-    if not path.is_dir():
-        pytest.skip(f"KRISS pairs not found at {path}")
-    return path
-
-
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)

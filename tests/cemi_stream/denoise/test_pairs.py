@@ -29,14 +29,6 @@ N_PAIRS = 40
 
 
 @pytest.fixture(scope="module")
-def kriss(data_dir: Path) -> Path:
-    path = data_dir / "kriss-sem-pairs"
-    if not path.is_dir():
-        pytest.skip(f"KRISS pairs not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def kriss_hd(kriss: Path) -> np.ndarray:
     """A real clean KRISS image with data bar and frame stripped ``(y, x)``."""
     hd = load_gray(kriss / "time/high/high_30us_005.png")
