@@ -34,6 +34,10 @@ class SimConfig:
         Alternate rows run backwards (otherwise raster: every row starts left).
     noise : {"ld", "hd", "none"}
         Imaging preset: fast scan, slow scan or noise-free.
+    noise_scale : float
+        Shot-noise multiplier on the preset: the dose is divided by its
+        square (2: a quarter of the electrons, twice the relative noise);
+        1 keeps the calibrated preset.  For dose sweeps.
     video : bool
         Continuous stage motion recorded as video instead of one frame per step.
     fps : float
@@ -69,6 +73,7 @@ class SimConfig:
     overlap: float = 0.5
     serpentine: bool = False
     noise: NoisePreset = "ld"
+    noise_scale: float = 1.0
     video: bool = False
     fps: float = 25.0
     video_overlap: float = 0.95
@@ -100,6 +105,7 @@ class SimConfig:
                 _fail(name, f"must be in {low}..{high}", value)
         for name, lo, hi, low_open in (
             ("overlap", 0.0, 0.95, False),
+            ("noise_scale", 0.0, 100.0, True),
             ("fps", 0.0, 10_000.0, True),
             ("video_overlap", 0.0, 0.999, False),
             ("specimen_scale", 0.0, 100.0, True),

@@ -27,6 +27,8 @@ slow (30 us) scans by ``bench/calibrate_sim.py``; ``none`` is blur only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -127,6 +129,30 @@ PRESETS: dict[str, ScanPreset] = {
 }
 
 _MARGIN_PX = 8
+
+
+def scaled_preset(name: str, noise_scale: float = 1.0) -> ScanPreset:
+    """Preset ``name`` with its relative shot noise multiplied by ``noise_scale``.
+
+    Shot noise relative to the signal goes as ``1 / sqrt(dose)``, so the dose
+    is divided by ``noise_scale ** 2`` and the detector noise (electrons) kept;
+    ``noise_scale`` 4 is "4x noisier".  The noise-free preset stays noise-free.
+
+    Raises
+    ------
+    ConfigError
+        An unknown preset or a non-positive scale.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"sim.noise: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    if not noise_scale > 0:
+        raise ConfigError(f"sim.noise_scale: {noise_scale!r} must be > 0")
+    preset = PRESETS[name]
+    if noise_scale == 1.0 or preset.dose_e == 0:
+        return preset
+    return dataclasses.replace(
+        preset, name=f"{name}x{noise_scale:g}", dose_e=preset.dose_e / noise_scale**2
+    )
 
 
 @cache

@@ -12,7 +12,7 @@ from cemi_stream.frame import Frame, FrameMeta, utc_now_ns
 from drivers.base import SourceInfo
 
 from .config import SimConfig
-from .scanner import Scanner
+from .scanner import Scanner, scaled_preset
 from .specimen import Specimen, load_specimen
 from .traversal import Traversal, plan_traversal
 
@@ -108,7 +108,9 @@ class SimSource:
         c = self.config
         specimen = self.specimen
         traversal = self.traversal
-        self._scanner = Scanner(c.noise, databar=c.databar, pixel_size_nm=c.pixel_size_nm)
+        self._scanner = Scanner(
+            scaled_preset(c.noise, c.noise_scale), databar=c.databar, pixel_size_nm=c.pixel_size_nm
+        )
         self._next = 0
         self.truth = []
         log.info(
@@ -118,7 +120,7 @@ class SimSource:
             c.rows,
             "video" if c.video else "images",
             "serpentine" if c.serpentine else "raster",
-            c.noise,
+            c.noise if c.noise_scale == 1.0 else f"{c.noise} x{c.noise_scale:g}",
             type(specimen).__name__,
             c.source or f"seed {c.seed}",
         )
