@@ -29,7 +29,7 @@ import drivers
 from . import __version__
 from .bus import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
 from .config import Config, to_dict
-from .errors import BusError, CemiError, SpoolError
+from .errors import BusError, CemiError, SourceError, SpoolError
 from .frontend import FrontEnd
 from .keyframes import Decision, format_decision
 from .progress import Progress
@@ -58,6 +58,7 @@ class CaptureSummary:
     input_fps: float = 0.0
     pipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     crop: dict[str, Any] = field(default_factory=dict)
+    levels: dict[str, Any] = field(default_factory=dict)
     stopped_by: str = "end_of_source"
     error: str | None = None
 
@@ -122,7 +123,9 @@ def run_capture(
         )
         logging.getLogger().addHandler(log_handler)
         info = source.info
-        front = FrontEnd(config.capture, video_like=info.video_like)
+        front = FrontEnd(
+            config.capture, video_like=info.video_like, significant_bits=info.significant_bits
+        )
         endpoints = make_endpoints(config.bus, run_dir)
         for name, url in endpoints.pipes.items():
             senders.append(PipeSender(name, url, frames, run_id, config.bus, context))
@@ -183,6 +186,12 @@ def run_capture(
         summary.kept = front.stats.kept
         summary.reasons = dict(front.stats.reasons)
         summary.crop = dict(front.crop_info)
+        summary.levels = front.levels.describe()
+        failure = front.failure()
+        if failure is not None and summary.stopped_by == "end_of_source":
+            raise SourceError(f"{source_uri}: {failure}")  # nothing kept, nothing lost
+        if failure is not None:
+            log.warning("%s", failure)
     except CemiError as exc:
         summary.error = str(exc)
         raise

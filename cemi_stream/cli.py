@@ -64,6 +64,17 @@ def _add_frontend(p: argparse.ArgumentParser) -> None:
         help="keyframe selection (auto: on for video-like sources, off for image folders)",
     )
     p.add_argument("--crop", metavar="SPEC", help="auto (default), none, or x,y,width,height")
+    _add_levels(p)
+
+
+def _add_levels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--levels",
+        metavar="auto|full|LO,HI",
+        help="8-bit mapping of 16-bit/float input, one window per run: auto (default: declared "
+        "bits or percentiles of the first frames), full (the type's range, 16-bit / 257), or "
+        "LO,HI in input grey levels",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pixel-size-um", type=float, metavar="X")
     p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
+    _add_levels(p)
     _add_common(p)
     p.set_defaults(func=cmd_replay)
 
@@ -276,6 +288,8 @@ def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Co
         overrides["capture.keyframes.mode"] = args.keyframes
     if getattr(args, "crop", None) is not None:
         overrides["capture.crop"] = args.crop
+    if getattr(args, "levels", None) is not None:
+        overrides["capture.levels"] = args.levels
     return load_config(args.config, overrides)
 
 
@@ -331,6 +345,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         "overlap_min": round(min(ov), 3) if ov else None,
         "overlap_median": round(sorted(ov)[len(ov) // 2], 3) if ov else None,
         "overlap_max": round(max(ov), 3) if ov else None,
+        "levels": summary.levels,
         "out": str(args.out),
     }
     print(json.dumps(report, indent=2))
@@ -437,6 +452,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         denoise=args.denoise,
         model=args.model,
         progress=not args.quiet,
+        levels=args.levels,
     )
     keys = ("counts", "timings", "mosaic", "residuals", "denoise")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))

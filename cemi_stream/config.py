@@ -128,6 +128,12 @@ class CaptureConfig:
     crop : str
         ``auto`` (detect data bar and UI borders on the first frame), ``none``,
         or ``x,y,width,height`` in pixels.
+    levels : str
+        Grey-level window mapping 16-bit and float input to 8 bits, one for
+        the whole run: ``auto`` (8-bit untouched; else the file's declared
+        significant bits, or the 0.1/99.9 percentiles of the first frames),
+        ``full`` (the pixel type's full range: ``uint16`` / 257) or ``LO,HI``
+        in input grey levels (see :mod:`cemi_stream.levels`).
     faults : FaultConfig
         Fault-frame thresholds.
     keyframes : KeyframeConfig
@@ -135,6 +141,7 @@ class CaptureConfig:
     """
 
     crop: str = "auto"
+    levels: str = "auto"
     faults: FaultConfig = field(default_factory=FaultConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
 
@@ -369,9 +376,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"bus.port_base: {bus.port_base} is not a usable port")
     _check_pipes("bus.pipes", bus.pipes)
     # Imported here: preprocess depends on this module for FaultConfig.
+    from .levels import parse_levels
     from .preprocess import parse_crop
 
     parse_crop(config.capture.crop)
+    parse_levels(config.capture.levels)
     if config.spool.memory_frames < 1:
         raise ConfigError("spool.memory_frames: must be at least 1")
     st = config.stitch

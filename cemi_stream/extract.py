@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 
@@ -29,12 +30,13 @@ KEYFRAMES_HEADER = "src_index,kept,reason,dx_px,dy_px\n"
 
 @dataclass(slots=True)
 class ExtractSummary:
-    """Counts of an extraction."""
+    """Counts of an extraction, and the grey-level window used (:mod:`cemi_stream.levels`)."""
 
     frames_in: int = 0
     kept: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     overlaps: list[float] = field(default_factory=list)
+    levels: dict[str, Any] = field(default_factory=dict)
 
 
 def run_extract(
@@ -65,7 +67,8 @@ def run_extract(
     source = drivers.open_source(source_uri, pace="max")
     summary = ExtractSummary()
     try:
-        front = FrontEnd(config, video_like=source.info.video_like)
+        info = source.info
+        front = FrontEnd(config, video_like=info.video_like, significant_bits=info.significant_bits)
         frames_dir.mkdir(parents=True, exist_ok=True)
         bar = Progress("extract", source.info.frame_count, enabled=progress)
         with open(out_dir / "keyframes.csv", "w", encoding="utf-8") as csv:
@@ -90,7 +93,11 @@ def run_extract(
         source.close()
     if front.stats.frames_in == 0:
         raise SourceError(f"{source_uri}: source delivered no frames")
+    failure = front.failure()
+    if failure is not None:
+        raise SourceError(f"{source_uri}: {failure}")
     summary.frames_in = front.stats.frames_in
     summary.kept = front.stats.kept
     summary.reasons = dict(front.stats.reasons)
+    summary.levels = front.levels.describe()
     return summary

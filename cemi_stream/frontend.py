@@ -1,9 +1,12 @@
 """Per-frame preprocessing shared by ``extract`` and ``capture``.
 
-Order: crop (data bar and UI borders, decided once on the first usable
-frame) -> fault check (blank, saturated, frozen, changed size) -> keyframe
-selection.  Every input frame gets exactly one :class:`Decision`, in input
-order.
+Order: grey levels (16-bit and float input mapped to 8 bits with one window
+for the run, :mod:`cemi_stream.levels`) -> crop (data bar and UI borders,
+decided once on the first usable frame) -> fault check (corrupt, blank,
+saturated, frozen, changed size) -> keyframe selection.  Every input frame
+gets exactly one :class:`Decision`, in input order; a frame the source could
+not decode (a fault frame, :func:`cemi_stream.frame.fault_frame`) gets one
+with its fault as the reason (``corrupt``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from .config import CaptureConfig
 from .frame import Frame
 from .keyframes import Decision, KeyframeSelector
+from .levels import LevelsGate, rejected_all_message
 from .preprocess import CropRect, FaultDetector, detect_crop, parse_crop
 
 log = logging.getLogger(__name__)
@@ -43,10 +47,15 @@ class FrontEnd:
     video_like : bool
         Whether the source is video-like; with keyframe mode ``auto`` this
         decides between keyframe selection and keeping every frame.
+    significant_bits : int or None
+        Significant bits the source declares (for ``levels = "auto"``).
     """
 
-    def __init__(self, config: CaptureConfig, video_like: bool) -> None:
+    def __init__(
+        self, config: CaptureConfig, video_like: bool, significant_bits: int | None = None
+    ) -> None:
         self.config = config
+        self.levels = LevelsGate(config.levels, significant_bits)
         mode = config.keyframes.mode
         self.select_keyframes = video_like if mode == "auto" else mode == "on"
         self.selector = KeyframeSelector(config.keyframes, keep_all=not self.select_keyframes)
@@ -59,8 +68,34 @@ class FrontEnd:
         self.stats = FrontEndStats()
 
     def process(self, frame: Frame) -> list[Decision]:
-        """Handle one input frame; returns the decisions that became final."""
+        """Handle one input frame; returns the decisions that became final.
+
+        The first few frames of 16-bit or float input are held until the
+        levels window is known; their decisions come with a later call (or
+        :meth:`finish`), still in input order.
+        """
         self.stats.frames_in += 1
+        decisions: list[Decision] = []
+        for ready in self.levels.push(frame):
+            decisions += self._process_gray8(ready)
+        return decisions
+
+    def finish(self) -> list[Decision]:
+        """End of stream (or stop): decide every frame still held, in input order."""
+        decisions: list[Decision] = []
+        for ready in self.levels.flush():
+            decisions += self._process_gray8(ready)
+        return decisions + self._count(self.selector.flush())
+
+    def failure(self) -> str | None:
+        """One line when every frame so far was rejected as blank or saturated, else None."""
+        return rejected_all_message(
+            self.stats.frames_in, self.stats.kept, dict(self.stats.reasons), self.levels.describe()
+        )
+
+    def _process_gray8(self, frame: Frame) -> list[Decision]:
+        if frame.fault is not None:
+            return self._count(self.selector.reject(frame, frame.fault))
         shape = frame.shape
         if self._input_shape is None:
             if self._auto_crop and float(np.std(frame.image)) < self.config.faults.blank_std:
@@ -76,10 +111,6 @@ class FrontEnd:
         if fault is not None:
             return self._count(self.selector.reject(frame, fault))
         return self._count(self.selector.push(frame))
-
-    def finish(self) -> list[Decision]:
-        """End of stream: the decision held back by the selector."""
-        return self._count(self.selector.flush())
 
     def _choose_crop(self, frame: Frame) -> None:
         if self._auto_crop:

@@ -110,6 +110,7 @@ def run_replay(
     denoise: str = "off",
     model: str | None = None,
     progress: bool = True,
+    levels: str | None = None,
 ) -> dict[str, Any]:
     """Capture, denoise (optionally) and stitch ``source`` into ``run_dir``.
 
@@ -130,6 +131,9 @@ def run_replay(
         configuration, else the shipped default model).
     progress : bool
         Show progress on stderr.
+    levels : str or None
+        ``--levels`` of the capture process (``auto``, ``full`` or ``LO,HI``;
+        None: ``capture.levels`` of the configuration).
 
     Returns
     -------
@@ -160,6 +164,8 @@ def run_replay(
                    *common]  # fmt: skip
     if keyframes:
         capture_cmd += ["--keyframes", keyframes]
+    if levels:
+        capture_cmd += ["--levels", levels]
     stitch_cmd = [*module, "stitch", "--run-dir", str(run_dir), *common]
     if pixel_size_um is not None:
         stitch_cmd += ["--pixel-size-um", str(pixel_size_um)]
@@ -329,6 +335,7 @@ def _run_summary(run_dir: Path, source: str, seconds: float, denoise: bool) -> d
             "layout": st["layout"],
         },
         "residuals": st["residuals"],
+        "levels": cap.get("levels"),  # the capture's grey-level window (input -> 8 bits)
         "denoise": {"backend": "off"},
     }
     if denoise:

@@ -18,11 +18,19 @@ from . import opencv_stream as _opencv_stream  # noqa: F401
 from . import image_folder as _image_folder  # noqa: F401
 from . import tiff_stack as _tiff_stack  # noqa: F401
 from . import video_file as _video_file  # noqa: F401
-from .base import FrameSource, SourceInfo, to_gray8
+from .base import FrameSource, SourceInfo, to_gray, to_gray8
 from .pacing import wrap_pacing
 from .registry import SourceUri, drivers, parse_uri, resolve
 
-__all__ = ["FrameSource", "SourceInfo", "SourceUri", "drivers", "open_source", "to_gray8"]
+__all__ = [
+    "FrameSource",
+    "SourceInfo",
+    "SourceUri",
+    "drivers",
+    "open_source",
+    "to_gray",
+    "to_gray8",
+]
 
 
 def open_source(uri: str, *, pace: str | None = None, loop: bool | None = None) -> FrameSource:

@@ -1,9 +1,13 @@
 """The frame-source contract shared by every driver.
 
 A driver is a small class satisfying :class:`FrameSource` plus one entry in
-:mod:`drivers.registry`.  Sources always hand out :class:`cemi_stream.frame.Frame`
-objects holding 2-D ``uint8`` images ``(y, x)``; :func:`to_gray8` is the one
-place where 16-bit and colour input is converted.
+:mod:`drivers.registry`.  Sources hand out :class:`cemi_stream.frame.Frame`
+objects holding 2-D greyscale images ``(y, x)`` in the depth they decoded
+(``uint8``, ``uint16``, ``float32`` ...): :func:`to_gray` is the one place where
+colour becomes grey.  Mapping deeper images to 8 bits needs one window for the
+whole run, which only the capture front end can choose
+(:mod:`cemi_stream.levels`); :func:`to_gray8` is the fixed full-range mapping
+for callers that want 8 bits straight away.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class SourceInfo:
         True when consecutive frames overlap heavily (video), so keyframe
         selection is on by default; False for one-frame-per-field sources
         (image folders, TIFF stacks).
+    significant_bits : int or None
+        Bits per sample that carry data when the file says so and it is fewer
+        than its pixel type holds (12-bit data in a 16-bit container: a PNG
+        ``sBIT`` chunk, TIFF ``BitsPerSample`` or ``MaxSampleValue``); None
+        when it declares nothing beyond the pixel type.
     """
 
     kind: str
@@ -50,6 +59,7 @@ class SourceInfo:
     frame_count: int | None = None
     live: bool = False
     video_like: bool = True
+    significant_bits: int | None = None
 
 
 @runtime_checkable
@@ -60,6 +70,14 @@ class FrameSource(Protocol):
     one-line reason when it cannot), ``read`` returns the next frame or
     ``None`` at the end of the stream, ``close`` releases everything and may
     be called twice.
+
+    A frame that cannot be decoded is not an error of the source: ``read``
+    logs it and returns a fault frame for it
+    (:func:`cemi_stream.frame.fault_frame`, reason ``corrupt``), and the next
+    ``read`` goes on with the next frame.  Frames of another size than the
+    first are handed out as they are (the front end rejects them as
+    ``size_changed``).  ``read`` raises :class:`SourceError` only when the
+    source as a whole fails (a device that stops delivering).
     """
 
     uri: str
@@ -74,12 +92,67 @@ class FrameSource(Protocol):
         ...
 
     def read(self) -> Frame | None:
-        """Return the next frame, or ``None`` when the source has ended."""
+        """Return the next frame (possibly a fault frame), or ``None`` at the end."""
         ...
 
     def close(self) -> None:
         """Release the underlying file or device (idempotent)."""
         ...
+
+
+def to_gray(image: np.ndarray, *, name: str = "frame") -> np.ndarray:
+    """Convert a decoded image to a C-contiguous 2-D grey array ``(y, x)``, keeping its depth.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(y, x)``, ``(y, x, 1)``, ``(y, x, 3)`` (BGR, as OpenCV decodes) or
+        ``(y, x, 4)`` (BGRA); integer, float or bool dtype.
+    name : str
+        Used in error messages.
+
+    Returns
+    -------
+    ndarray
+        ``(y, x)`` in the input's dtype (bool becomes ``uint8`` 0/255; colour
+        with unequal channels of a type OpenCV cannot convert becomes
+        ``float32``).
+
+    Raises
+    ------
+    SourceError
+        For other channel counts, dimensions or pixel types.
+
+    Notes
+    -----
+    Colour frames whose channels are identical (the usual case for SEM frames
+    saved as RGB) keep one channel exactly; otherwise ITU-R BT.601 luma is used,
+    which also turns coloured UI overlays into grey levels that the border
+    detector can strip.
+    """
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * np.uint8(255)
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise SourceError(f"{name}: unsupported pixel type {image.dtype}")
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = image[:, :, 0]
+        elif channels in (3, 4):
+            bgr = image[:, :, :3]
+            if np.array_equal(bgr[:, :, 0], bgr[:, :, 1]) and np.array_equal(
+                bgr[:, :, 1], bgr[:, :, 2]
+            ):
+                image = bgr[:, :, 0]
+            else:
+                if bgr.dtype not in (np.uint8, np.uint16, np.float32):
+                    bgr = bgr.astype(np.float32)  # the only other type cvtColor takes
+                image = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2GRAY)
+        else:
+            raise SourceError(f"{name}: unsupported image with {channels} channels")
+    elif image.ndim != 2:
+        raise SourceError(f"{name}: unsupported image with {image.ndim} dimensions")
+    return np.ascontiguousarray(image)
 
 
 def to_gray8(
@@ -93,8 +166,7 @@ def to_gray8(
     Parameters
     ----------
     image : ndarray
-        ``(y, x)``, ``(y, x, 1)``, ``(y, x, 3)`` (BGR, as OpenCV decodes) or
-        ``(y, x, 4)`` (BGRA); integer or float dtype.
+        As for :func:`to_gray`.
     name : str
         Used in error messages.
     input_range : (low, high) or None
@@ -102,48 +174,25 @@ def to_gray8(
         full range: ``uint16`` is divided by 257 so a fixed 16-bit scale never
         changes from frame to frame (per-frame stretching would make the
         brightness of overlapping frames disagree); floats are taken as 0..1.
+        (The capture chooses a better window for narrow-range data:
+        :mod:`cemi_stream.levels`.)
 
     Returns
     -------
     ndarray
         ``uint8`` array of shape ``(y, x)``.
-
-    Notes
-    -----
-    Colour frames whose channels are identical (the usual case for SEM frames
-    saved as RGB) keep one channel exactly; otherwise ITU-R BT.601 luma is used,
-    which also turns coloured UI overlays into grey levels that the border
-    detector can strip.
     """
-    if image.ndim == 3:
-        channels = image.shape[2]
-        if channels == 1:
-            image = image[:, :, 0]
-        elif channels in (3, 4):
-            bgr = image[:, :, :3]
-            if np.array_equal(bgr[:, :, 0], bgr[:, :, 1]) and np.array_equal(
-                bgr[:, :, 1], bgr[:, :, 2]
-            ):
-                image = bgr[:, :, 0]
-            else:
-                image = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2GRAY)
-        else:
-            raise SourceError(f"{name}: unsupported image with {channels} channels")
-    elif image.ndim != 2:
-        raise SourceError(f"{name}: unsupported image with {image.ndim} dimensions")
-
+    image = to_gray(image, name=name)
     if image.dtype == np.uint8 and input_range is None:
-        return np.ascontiguousarray(image)
+        return image
     if input_range is None:
         if image.dtype == np.uint16:
             return np.ascontiguousarray((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
         if np.issubdtype(image.dtype, np.floating):
             input_range = (0.0, 1.0)
-        elif np.issubdtype(image.dtype, np.integer):
+        else:
             info = np.iinfo(image.dtype)
             input_range = (float(info.min), float(info.max))
-        else:
-            raise SourceError(f"{name}: unsupported pixel type {image.dtype}")
     low, high = input_range
     if not high > low:
         raise SourceError(f"{name}: input range {input_range} is empty")

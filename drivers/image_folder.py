@@ -1,8 +1,16 @@
 """A folder of still images, or of videos, as one source (registry name ``folder``).
 
 Images (PNG, TIFF, JPEG, BMP; extensions in any case) are read one per frame
-in natural order (``img2`` before ``img10``), all of the size of the first.
-TIFF files contribute their FEI/Zeiss pixel size and stage position.
+in natural order (``img2`` before ``img10``), in their own depth (16-bit and
+float images stay so; the capture maps them to 8 bits).  TIFF files
+contribute their FEI/Zeiss pixel size and stage position, 16-bit PNG and TIFF
+files their declared significant bits (:mod:`drivers.bitdepth`).
+
+An image that cannot be read or decoded (truncated, corrupt, vanished) is a
+fault frame (reason ``corrupt``, logged), and reading goes on with the next
+one; an image of another size than the first is handed out as it is, for the
+front end to reject as ``size_changed``.  Only a folder with no decodable
+image at all fails to open.
 
 A folder holding only videos is played video after video, each video being
 one traversal row (``FrameMeta.row`` = index of the video in natural order).
@@ -18,10 +26,18 @@ import cv2
 import numpy as np
 
 from cemi_stream.errors import SourceError
-from cemi_stream.frame import Frame, FrameMeta, utc_now_ns
+from cemi_stream.frame import Frame, FrameMeta, fault_frame, utc_now_ns
 
-from .base import FrameSource, SourceInfo, to_gray8
-from .metadata import TiffCalibration, calibration_from_tags, one_line, open_tiff, page_image
+from .base import FrameSource, SourceInfo, to_gray
+from .bitdepth import png_significant_bits, tiff_significant_bits
+from .metadata import (
+    TIFF_MAGICS,
+    TiffCalibration,
+    calibration_from_tags,
+    one_line,
+    open_tiff,
+    page_image,
+)
 from .opencv_stream import check_options, quiet_opencv
 from .registry import SourceUri, register
 
@@ -69,13 +85,15 @@ def list_media(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, videos
 
 
-def read_image(path: Path) -> tuple[np.ndarray, TiffCalibration]:
-    """Decode one image file to 8-bit greyscale, with its TIFF calibration.
+def read_image(path: Path) -> tuple[np.ndarray, TiffCalibration, int | None]:
+    """Decode one image file to greyscale in its own depth, with its metadata.
 
     Returns
     -------
-    (ndarray, TiffCalibration)
-        ``uint8`` image ``(y, x)``; the calibration is empty for non-TIFF files.
+    (ndarray, TiffCalibration, int or None)
+        Image ``(y, x)`` (``uint8``, ``uint16``, ``float32`` ...); the TIFF
+        calibration (empty for other files); the significant bits the file
+        declares when fewer than its pixel type (:mod:`drivers.bitdepth`).
 
     Raises
     ------
@@ -86,33 +104,45 @@ def read_image(path: Path) -> tuple[np.ndarray, TiffCalibration]:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    # imdecode on the bytes rather than imread(path): same decoder, but it also
-    # copes with non-ASCII paths on Windows.
-    with quiet_opencv():
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     calibration = TiffCalibration()
-    if path.suffix.lower() in _TIFF_SUFFIXES:
+    bits: int | None = None
+    image: np.ndarray | None = None
+    if path.suffix.lower() in _TIFF_SUFFIXES and bytes(data[:4]) in TIFF_MAGICS:
+        # tifffile first: it reports damaged data, where OpenCV's libtiff logs
+        # an error and returns a black image (page_image falls back to OpenCV
+        # only for codecs tifffile lacks).
         with open_tiff(path) as tif:
             try:
                 page = tif.pages.first
                 calibration = calibration_from_tags(page.tags)
-                if image is None:
-                    image = page_image(page, 0, path)
+                bits = tiff_significant_bits(page)
+                image = page_image(page, 0, path)
             except SourceError:
                 raise
             except Exception as exc:  # a broken IFD raises assorted errors
                 raise SourceError(f"{path}: corrupt TIFF ({one_line(exc)})") from exc
+    else:
+        # imdecode on the bytes rather than imread(path): same decoder, but it
+        # also copes with non-ASCII paths on Windows.
+        with quiet_opencv():
+            try:
+                image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+            except cv2.error:  # some malformed headers raise instead of returning None
+                image = None
+        if path.suffix.lower() == ".png":
+            bits = png_significant_bits(data[:65536])
     if image is None:
         raise SourceError(f"{path}: cannot decode image (corrupt or unsupported format)")
-    return to_gray8(image, name=str(path)), calibration
+    return to_gray(image, name=str(path)), calibration, bits
 
 
 class ImageFolderSource:
     """The images of a folder, one frame each, in natural order.
 
     ``info.video_like`` is False (each image is its own field), ``fps`` is
-    None, ``frame_count`` the number of images; ``pixel_size_nm`` is the first
-    image's when it is a calibrated TIFF.
+    None, ``frame_count`` the number of images; ``frame_size``,
+    ``pixel_size_nm`` and ``significant_bits`` are those of the first image
+    that decodes.
 
     Parameters
     ----------
@@ -128,7 +158,8 @@ class ImageFolderSource:
         self._files: list[Path] = []
         self._index = 0
         self._size: tuple[int, int] | None = None
-        self._pending: tuple[np.ndarray, TiffCalibration] | None = None
+        self._pending: tuple[np.ndarray, TiffCalibration, int | None] | None = None
+        self._first = 0  # index of the first decodable image (earlier ones are corrupt)
         self._opened = False
         self._info = SourceInfo(kind="folder", video_like=False)
 
@@ -148,8 +179,8 @@ class ImageFolderSource:
         Raises
         ------
         SourceError
-            When the folder is missing, holds no images, or the first image
-            cannot be decoded.
+            When the folder is missing, holds no images, or none of them
+            can be decoded.
         """
         self.close()
         images, videos = list_media(self.folder)
@@ -160,12 +191,29 @@ class ImageFolderSource:
             log.warning(
                 "%s: %d video file(s) ignored in a folder of images", self.folder, len(videos)
             )
-        first, calibration = read_image(images[0])
+        # The first image that decodes describes the folder; undecodable ones
+        # before it become corrupt frames when read() reaches them.
+        first_error: SourceError | None = None
+        for index in range(len(images)):
+            try:
+                decoded = read_image(images[index])
+                break
+            except SourceError as exc:
+                first_error = first_error or exc
+        else:
+            if len(images) == 1 and first_error is not None:
+                raise first_error
+            raise SourceError(
+                f"{self.folder}: none of the {len(images)} images can be decoded "
+                f"(first: {first_error})"
+            )
+        first, calibration, bits = decoded
         height, width = first.shape
         self._files = images
         self._index = 0
+        self._first = index
         self._size = (width, height)
-        self._pending = (first, calibration)
+        self._pending = decoded
         self._opened = True
         self._info = SourceInfo(
             kind="folder",
@@ -174,33 +222,44 @@ class ImageFolderSource:
             frame_count=len(images),
             live=False,
             video_like=False,
+            significant_bits=bits,
         )
         log.info("%s: %d images of %dx%d", self.folder, len(images), width, height)
 
     def read(self) -> Frame | None:
         """Decode and return the next image, or None after the last one.
 
+        An image that cannot be decoded gives a fault frame (reason
+        ``corrupt``, logged as a warning naming the file and the reason).
+
         Raises
         ------
         SourceError
-            When an image cannot be decoded or differs in size from the first.
+            When called before :meth:`open`.
         """
         if not self._opened:
             raise SourceError(f"{self.folder}: read() before open()")
         if self._index >= len(self._files):
             return None
         path = self._files[self._index]
-        if self._pending is not None:
-            (image, calibration), self._pending = self._pending, None
-        else:
-            image, calibration = read_image(path)
+        try:
+            # Images before self._first failed in open(): read again, they get
+            # their reason logged here, in order.
+            if self._pending is not None and self._index == self._first:
+                (image, calibration, _), self._pending = self._pending, None
+            else:
+                image, calibration, _ = read_image(path)
+        except SourceError as exc:
+            log.warning("frame %d skipped: %s", self._index, exc)
+            frame = fault_frame(FrameMeta(src_index=self._index, capture_time_ns=utc_now_ns()))
+            self._index += 1
+            return frame
         height, width = image.shape
         if (width, height) != self._size:
-            first_w, first_h = self._size or (0, 0)
-            raise SourceError(
-                f"{path}: image is {width}x{height} but {self._files[0].name} is "
-                f"{first_w}x{first_h} (all images of a folder must have one size)"
-            )
+            log.info(
+                "%s: image is %dx%d, the folder's first is %dx%d",
+                path, width, height, *(self._size or (0, 0)),
+            )  # fmt: skip
         stage = calibration.stage_um
         frame = Frame(
             image,

@@ -38,7 +38,8 @@ TAG_FEI_SFEG = 34680
 TAG_FEI_HELIOS = 34682
 TAG_CZ_SEM = 34118
 
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Signatures of TIFF and BigTIFF, little- and big-endian.
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Length units seen in Zeiss tags, as nanometres per unit.  The micro sign comes
 # as U+00B5, U+03BC or, from files decoded with the wrong code page, "Âµ".
@@ -76,7 +77,7 @@ def is_tiff(path: Path) -> bool:
             head = fh.read(4)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return head in _TIFF_MAGICS
+    return head in TIFF_MAGICS
 
 
 def calibration_from_tags(tags: Any) -> TiffCalibration:
@@ -199,7 +200,12 @@ def page_image(page: Any, index: int, path: Path) -> np.ndarray:
         data = page.asarray()
     except Exception as exc:  # tifffile raises many types for bad or unsupported data
         # OpenCV's libtiff has every common codec built in; tifffile needs
-        # imagecodecs for LZW/JPEG, so a failure here is often just that.
+        # imagecodecs for LZW/JPEG, so a failure here is often just that.  Only
+        # then is OpenCV asked: on data its codec cannot decode, it logs an
+        # error and returns a black page as if it had succeeded.
+        missing_codec = isinstance(exc, NotImplementedError) or "imagecodecs" in str(exc)
+        if not missing_codec:
+            raise SourceError(f"{path}: cannot decode TIFF page {index} ({one_line(exc)})") from exc
         with quiet_opencv():
             found, images = cv2.imreadmulti(
                 str(path), start=index, count=1, flags=cv2.IMREAD_UNCHANGED

@@ -30,15 +30,22 @@ import cv2
 import numpy as np
 
 from cemi_stream.errors import SourceError
-from cemi_stream.frame import Frame, FrameMeta, utc_now_ns
+from cemi_stream.frame import Frame, FrameMeta, fault_frame, utc_now_ns
 
-from .base import SourceInfo, to_gray8
+from .base import SourceInfo, to_gray
 from .registry import SourceUri, register
 
 log = logging.getLogger(__name__)
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 DEFAULT_TIMEOUT_MS = 5000
+# Consecutive frames that raise in the decoder before the stream counts as ended.
+MAX_BROKEN_FRAMES = 25
+
+
+class _BrokenFrameError(Exception):
+    """The decoder raised on one frame (internal to :class:`CaptureSource`)."""
+
 
 T = TypeVar("T")
 
@@ -134,7 +141,15 @@ class CaptureSource:
     failures read (:meth:`_cannot_open`, :meth:`_read_failed`); this class
     checks the open, decodes the first frame during :meth:`open` (so a file
     that opens but cannot be decoded fails there, and ``info.frame_size`` is
-    known) and converts every frame with :func:`to_gray8`.
+    known) and converts every frame with :func:`to_gray`.
+
+    Broken data: FFmpeg conceals what it can (a damaged packet gives a frame
+    with artefacts, or is dropped without a trace) and ``VideoCapture.read``
+    reports nothing about it.  What is visible is handled: a frame on which
+    the decoder raises becomes a fault frame (``corrupt``) and reading goes on
+    (up to :data:`MAX_BROKEN_FRAMES` in a row); a file that ends before the
+    frame count its container announces is logged as a warning (truncated or
+    broken) when the end is reached.
 
     Parameters
     ----------
@@ -158,6 +173,7 @@ class CaptureSource:
         # source it was captured then, not when read() hands it out.
         self._pending: tuple[np.ndarray, int] | None = None
         self._index = 0
+        self._broken_run = 0  # consecutive frames on which the decoder raised
         self._info = SourceInfo(kind=kind, live=live, video_like=True)
 
     @property
@@ -188,6 +204,8 @@ class CaptureSource:
                 self._configure(cap)
                 first = self._decode_next(cap)
                 first_time_ns = utc_now_ns()
+            except _BrokenFrameError:
+                first = None
             except BaseException:
                 cap.release()
                 raise
@@ -197,6 +215,7 @@ class CaptureSource:
         self._cap = cap
         self._pending = (first, first_time_ns)
         self._index = 0
+        self._broken_run = 0
         height, width = first.shape[:2]
         fps = float(cap.get(cv2.CAP_PROP_FPS))
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -218,7 +237,7 @@ class CaptureSource:
         )
 
     def read(self) -> Frame | None:
-        """Return the next frame as 8-bit greyscale, or None at the end.
+        """Return the next frame as greyscale, a fault frame, or None at the end.
 
         Raises
         ------
@@ -230,14 +249,29 @@ class CaptureSource:
         if self._pending is not None:
             (image, time_ns), self._pending = self._pending, None
         else:
-            decoded = self._decode_next(self._cap)
+            try:
+                decoded = self._decode_next(self._cap)
+            except _BrokenFrameError as exc:
+                self._broken_run += 1
+                if self._broken_run > MAX_BROKEN_FRAMES:
+                    log.warning("%s: %d broken frames in a row", self.name, self._broken_run - 1)
+                    return self._read_failed()
+                return self._fault(str(exc))
             if decoded is None:
                 return self._read_failed()
             image, time_ns = decoded, utc_now_ns()
-        frame = Frame(
-            to_gray8(image, name=self.name),
-            FrameMeta(src_index=self._index, capture_time_ns=time_ns),
-        )
+        try:
+            gray = to_gray(image, name=self.name)
+        except SourceError as exc:  # e.g. a 2-channel frame from an odd codec
+            return self._fault(str(exc))
+        self._broken_run = 0
+        frame = Frame(gray, FrameMeta(src_index=self._index, capture_time_ns=time_ns))
+        self._index += 1
+        return frame
+
+    def _fault(self, reason: str) -> Frame:
+        log.warning("frame %d skipped: %s", self._index, reason)
+        frame = fault_frame(FrameMeta(src_index=self._index, capture_time_ns=utc_now_ns()))
         self._index += 1
         return frame
 
@@ -249,11 +283,12 @@ class CaptureSource:
         self._pending = None
 
     def _decode_next(self, cap: cv2.VideoCapture) -> np.ndarray | None:
+        """The next decoded image or None at the end; _BrokenFrameError on decoder errors."""
         try:
             ok, image = cap.read()
         except cv2.error as exc:
-            log.warning("%s: decoding failed: %s", self.name, " ".join(str(exc).split()))
-            return None
+            reason = " ".join(str(exc).split())
+            raise _BrokenFrameError(f"{self.name}: decoding failed ({reason})") from exc
         if not ok or image is None or image.size == 0:
             return None
         return np.asarray(image)
@@ -269,7 +304,16 @@ class CaptureSource:
 
     def _read_failed(self) -> Frame | None:
         """What a failed read means: the end of the stream by default."""
-        log.info("%s: end of stream after %d frames", self.name, self._index)
+        announced = self._info.frame_count
+        if announced is not None and self._index < announced:
+            # FFmpeg stops at the first undecodable stretch of a damaged file.
+            log.warning(
+                "%s: ended after %d of the %d frames its container announces "
+                "(truncated file or broken packets)",
+                self.name, self._index, announced,
+            )  # fmt: skip
+        else:
+            log.info("%s: end of stream after %d frames", self.name, self._index)
         return None
 
 

@@ -2,7 +2,13 @@
 
 Pages are decoded one at a time as they are read, so a stack of thousands of
 frames never sits in memory.  Pixel size and stage position come from each
-page's FEI/Zeiss tags (:mod:`drivers.metadata`).
+page's FEI/Zeiss tags (:mod:`drivers.metadata`).  Pages keep their depth
+(16-bit, float); the capture maps them to 8 bits.
+
+A page that cannot be decoded is a fault frame (reason ``corrupt``, logged)
+and reading goes on with the next page; a page of another size than the first
+is handed out as it is (the front end rejects it as ``size_changed``).  Only a
+file that is not a TIFF, or has no decodable page, fails to open.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from cemi_stream.errors import SourceError
-from cemi_stream.frame import Frame, FrameMeta, utc_now_ns
+from cemi_stream.frame import Frame, FrameMeta, fault_frame, utc_now_ns
 
-from .base import SourceInfo, to_gray8
+from .base import SourceInfo, to_gray
+from .bitdepth import tiff_significant_bits
 from .metadata import (
     TiffCalibration,
     calibration_from_tags,
@@ -54,8 +61,10 @@ class TiffStackSource:
         self._count = 0
         self._index = 0
         self._size: tuple[int, int] | None = None
-        # Page 0 is decoded by open() to check the file; read() hands it out.
-        self._pending: tuple[np.ndarray, TiffCalibration] | None = None
+        # The first decodable page is decoded by open() to check the file;
+        # read() hands it out (earlier pages become corrupt frames).
+        self._pending: tuple[np.ndarray, TiffCalibration, int | None] | None = None
+        self._first = 0
         self._info = SourceInfo(kind="tiff", video_like=False)
 
     @property
@@ -69,7 +78,7 @@ class TiffStackSource:
         Raises
         ------
         SourceError
-            When the file is missing, not a TIFF, corrupt or has no pages.
+            When the file is missing, not a TIFF, or has no decodable page.
         """
         self.close()
         if self.path.is_dir():
@@ -83,14 +92,28 @@ class TiffStackSource:
             count = len(tif.pages)
             if count == 0:
                 raise SourceError(f"{self.path}: corrupt TIFF, no readable page")
-            first, calibration = self._decode(tif, 0)
+            first_error: SourceError | None = None
+            for index in range(count):
+                try:
+                    decoded = self._decode(tif, index)
+                    break
+                except SourceError as exc:
+                    first_error = first_error or exc
+            else:
+                if count == 1 and first_error is not None:
+                    raise first_error
+                raise SourceError(
+                    f"{self.path}: none of the {count} pages can be decoded (first: {first_error})"
+                )
         except BaseException:
             tif.close()
             raise
+        first, calibration, bits = decoded
         self._tif = tif
         self._count = count
         self._index = 0
-        self._pending = (first, calibration)
+        self._first = index
+        self._pending = decoded
         height, width = first.shape[:2]
         self._size = (width, height)
         self._info = SourceInfo(
@@ -100,6 +123,7 @@ class TiffStackSource:
             frame_count=count,
             live=False,
             video_like=False,
+            significant_bits=bits,
         )
         log.info(
             "%s: %d page(s) of %dx%d, pixel size %s nm",
@@ -113,28 +137,34 @@ class TiffStackSource:
     def read(self) -> Frame | None:
         """Decode and return the next page, or None after the last one.
 
+        A page that cannot be decoded gives a fault frame (reason
+        ``corrupt``, logged as a warning naming the page and the reason).
+
         Raises
         ------
         SourceError
-            When a page cannot be decoded or differs in size from the first.
+            When called before :meth:`open`.
         """
         if self._tif is None:
             raise SourceError(f"{self.path}: read() before open()")
         if self._index >= self._count:
             return None
         index = self._index
-        if self._pending is not None:
-            (image, calibration), self._pending = self._pending, None
-        else:
-            image, calibration = self._decode(self._tif, index)
+        self._index += 1
+        try:
+            if self._pending is not None and index == self._first:
+                (image, calibration, _), self._pending = self._pending, None
+            else:
+                image, calibration, _ = self._decode(self._tif, index)
+        except SourceError as exc:
+            log.warning("frame %d skipped: %s", index, exc)
+            return fault_frame(FrameMeta(src_index=index, capture_time_ns=utc_now_ns()))
         height, width = image.shape
         if (width, height) != self._size:
-            first_w, first_h = self._size or (0, 0)
-            raise SourceError(
-                f"{self.path}: page {index} is {width}x{height}, "
-                f"the first page is {first_w}x{first_h}"
-            )
-        self._index += 1
+            log.info(
+                "%s: page %d is %dx%d, the first page is %dx%d",
+                self.path, index, width, height, *(self._size or (0, 0)),
+            )  # fmt: skip
         stage = calibration.stage_um
         return Frame(
             image,
@@ -154,8 +184,8 @@ class TiffStackSource:
             self._tif = None
         self._pending = None
 
-    def _decode(self, tif: Any, index: int) -> tuple[np.ndarray, TiffCalibration]:
-        """Page ``index`` as 8-bit greyscale ``(y, x)`` plus its calibration."""
+    def _decode(self, tif: Any, index: int) -> tuple[np.ndarray, TiffCalibration, int | None]:
+        """Page ``index`` as greyscale ``(y, x)`` in its own depth, its calibration and bits."""
         try:
             page = tif.pages[index]
         except Exception as exc:  # a broken IFD chain raises assorted errors
@@ -164,7 +194,11 @@ class TiffStackSource:
             ) from exc
         image = page_image(page, index, self.path)
         name = f"{self.path} page {index}"
-        return to_gray8(image, name=name), calibration_from_tags(page.tags)
+        try:
+            tags = calibration_from_tags(page.tags), tiff_significant_bits(page)
+        except Exception as exc:  # a broken tag raises assorted errors
+            raise SourceError(f"{name}: corrupt TIFF tags ({one_line(exc)})") from exc
+        return to_gray(image, name=name), *tags
 
 
 def _claims_tiff(uri: SourceUri) -> bool:

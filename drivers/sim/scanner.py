@@ -28,7 +28,6 @@ slow (30 us) scans by ``bench/calibrate_sim.py``; ``none`` is blur only.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass
 from functools import cache

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -10,8 +13,9 @@ import pytest
 import tifffile
 
 from cemi_stream.errors import SourceError
-from cemi_stream.frame import Frame
-from drivers import open_source
+from cemi_stream.frame import CORRUPT, Frame
+from cemi_stream.levels import full_window
+from drivers import open_source, to_gray8
 from drivers.image_folder import ImageFolderSource, VideoFolderSource, natural_key
 from drivers.metadata import TAG_FEI_HELIOS
 
@@ -81,13 +85,41 @@ def test_jpeg_is_close_to_original(tmp_path: Path) -> None:
     assert np.abs(frame.image.astype(int) - image).mean() < 2.0
 
 
-def test_16bit_png_maps_to_8bit_by_257(tmp_path: Path) -> None:
+def test_16bit_png_keeps_its_depth_and_full_window_divides_by_257(tmp_path: Path) -> None:
     image = noise((20, 30), np.uint16)
     image[0, :4] = [0, 128, 65535, 257 * 100]
     cv2.imwrite(str(tmp_path / "deep.png"), image)
-    (frame,) = read_all(opened(tmp_path))
-    np.testing.assert_array_equal(frame.image, ((image.astype(np.uint32) + 128) // 257))
-    assert list(frame.image[0, :4]) == [0, 0, 255, 100]
+    source = opened(tmp_path)
+    assert source.info.significant_bits is None  # no sBIT chunk
+    (frame,) = read_all(source)
+    # The capture chooses the 8-bit window for the whole run (cemi_stream.levels).
+    assert frame.image.dtype == np.uint16
+    np.testing.assert_array_equal(frame.image, image)
+    gray8 = full_window(frame.image.dtype).apply(frame.image)
+    np.testing.assert_array_equal(gray8, ((image.astype(np.uint32) + 128) // 257))
+    np.testing.assert_array_equal(gray8, to_gray8(image))
+    assert list(gray8[0, :4]) == [0, 0, 255, 100]
+
+
+def write_png_with_sbit(path: Path, image: np.ndarray, bits: int) -> None:
+    """A PNG with an ``sBIT`` chunk (significant bits) after its ``IHDR``."""
+    ok, encoded = cv2.imencode(".png", image)
+    assert ok
+    data = encoded.tobytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, body, CRC
+    body = bytes([bits])
+    chunk = struct.pack(">I", len(body)) + b"sBIT" + body
+    chunk += struct.pack(">I", zlib.crc32(b"sBIT" + body))
+    path.write_bytes(data[:ihdr_end] + chunk + data[ihdr_end:])
+
+
+def test_png_sbit_declares_significant_bits(tmp_path: Path) -> None:
+    image = RNG.integers(0, 4096, size=(20, 30), dtype=np.uint16)
+    write_png_with_sbit(tmp_path / "a.png", image, 12)
+    source = opened(tmp_path)
+    assert source.info.significant_bits == 12
+    (frame,) = read_all(source)
+    np.testing.assert_array_equal(frame.image, image)
 
 
 def test_rgb_tiff_with_identical_channels_keeps_the_channel(tmp_path: Path) -> None:
@@ -116,23 +148,45 @@ def test_empty_folder_raises(tmp_path: Path) -> None:
     assert str(tmp_path) in str(err.value)
 
 
-def test_corrupt_png_is_named(tmp_path: Path) -> None:
+def test_corrupt_png_is_a_fault_frame_named_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cv2.imwrite(str(tmp_path / "a1.png"), noise((8, 8)))
     (tmp_path / "a2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    cv2.imwrite(str(tmp_path / "a3.png"), noise((8, 8)))
     source = opened(tmp_path)
-    assert source.read() is not None
-    with pytest.raises(SourceError, match=r"a2\.png: cannot decode image") as err:
-        source.read()
-    assert "\n" not in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="drivers.image_folder"):
+        frames = read_all(source)
+    assert [f.meta.src_index for f in frames] == [0, 1, 2]
+    assert [f.fault for f in frames] == [None, CORRUPT, None]
+    assert frames[1].image.size == 0
+    (record,) = [r for r in caplog.records if "a2.png" in r.getMessage()]
+    assert "cannot decode image" in record.getMessage()
 
 
-def test_size_mismatch_names_file_and_both_sizes(tmp_path: Path) -> None:
+def test_undecodable_first_images_are_faults_and_the_next_one_opens(tmp_path: Path) -> None:
+    (tmp_path / "a1.png").write_bytes(b"not a png")
+    cv2.imwrite(str(tmp_path / "a2.png"), noise((8, 10)))
+    source = opened(tmp_path)
+    assert source.info.frame_size == (10, 8)
+    assert [f.fault for f in read_all(source)] == [CORRUPT, None]
+
+
+def test_folder_without_any_decodable_image_fails_to_open(tmp_path: Path) -> None:
+    (tmp_path / "a1.png").write_bytes(b"not a png")
+    (tmp_path / "a2.png").write_bytes(b"")
+    with pytest.raises(SourceError, match="none of the 2 images can be decoded") as err:
+        opened(tmp_path)
+    assert "a1.png" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_of_another_size_is_delivered_as_it_is(tmp_path: Path) -> None:
+    # The front end rejects it as size_changed; the driver does not stop.
     cv2.imwrite(str(tmp_path / "a1.png"), noise((8, 10)))
     cv2.imwrite(str(tmp_path / "a2.png"), noise((9, 10)))
+    cv2.imwrite(str(tmp_path / "a3.png"), noise((8, 10)))
     source = opened(tmp_path)
-    source.read()
-    with pytest.raises(SourceError, match=r"a2\.png: image is 10x9 but a1\.png is 10x8"):
-        source.read()
+    assert [f.shape for f in read_all(source)] == [(8, 10), (9, 10), (8, 10)]
 
 
 def test_reopen_starts_again(tmp_path: Path) -> None:

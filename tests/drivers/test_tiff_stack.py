@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from cemi_stream.errors import SourceError
-from cemi_stream.frame import Frame
+from cemi_stream.frame import CORRUPT, Frame
 from drivers.metadata import TAG_FEI_HELIOS
 from drivers.tiff_stack import TiffStackSource
 
@@ -68,12 +68,31 @@ def test_pages_are_decoded_one_at_a_time(tmp_path: Path, monkeypatch: pytest.Mon
     source.close()
 
 
-def test_16bit_stack_maps_by_257(tmp_path: Path) -> None:
+def test_16bit_stack_keeps_its_depth(tmp_path: Path) -> None:
     pages = RNG.integers(0, 65536, size=(2, 10, 12), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "deep.tif", pages)
-    frames = read_all(opened(tmp_path / "deep.tif"))
+    source = opened(tmp_path / "deep.tif")
+    assert source.info.significant_bits is None
+    frames = read_all(source)
     for frame, page in zip(frames, pages, strict=True):
-        np.testing.assert_array_equal(frame.image, (page.astype(np.uint32) + 128) // 257)
+        np.testing.assert_array_equal(frame.image, page)  # the capture maps it to 8 bits
+
+
+def test_max_sample_value_declares_significant_bits(tmp_path: Path) -> None:
+    page = RNG.integers(0, 4096, size=(10, 12), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "12bit.tif", page, extratags=[(281, "H", 1, 4095, True)])
+    source = opened(tmp_path / "12bit.tif")
+    assert source.info.significant_bits == 12
+    (frame,) = read_all(source)
+    np.testing.assert_array_equal(frame.image, page)
+
+
+def test_float_pages_keep_their_values(tmp_path: Path) -> None:
+    page = RNG.random((10, 12), dtype=np.float32) * 1000
+    tifffile.imwrite(tmp_path / "f.tif", page)
+    (frame,) = read_all(opened(tmp_path / "f.tif"))
+    assert frame.image.dtype == np.float32
+    np.testing.assert_array_equal(frame.image, page)
 
 
 def test_rgb_identical_channels_keep_the_channel(tmp_path: Path) -> None:
@@ -118,15 +137,14 @@ def test_per_page_fei_calibration(tmp_path: Path) -> None:
     assert all(f.meta.pixel_size_nm == pytest.approx(5.0) for f in frames)
 
 
-def test_pages_of_other_size_raise(tmp_path: Path) -> None:
+def test_pages_of_other_size_are_delivered_as_they_are(tmp_path: Path) -> None:
+    # The front end rejects them as size_changed; the driver goes on.
     path = tmp_path / "mixed.tif"
     with tifffile.TiffWriter(path) as writer:
         writer.write(np.zeros((4, 6), np.uint8))
         writer.write(np.zeros((5, 6), np.uint8))
-    source = opened(path)
-    source.read()
-    with pytest.raises(SourceError, match="page 1 is 6x5, the first page is 6x4"):
-        source.read()
+        writer.write(np.zeros((4, 6), np.uint8))
+    assert [f.shape for f in read_all(opened(path))] == [(4, 6), (5, 6), (4, 6)]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +163,23 @@ def test_bad_files_raise_one_line(tmp_path: Path, content: bytes, reason: str) -
         TiffStackSource(path).open()
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_undecodable_page_mid_stack_is_a_fault_frame(tmp_path: Path) -> None:
+    path = tmp_path / "stack.tif"
+    pages = RNG.integers(0, 256, size=(3, 32, 32), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as writer:
+        for page in pages:
+            writer.write(page, compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[1].dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64  # page 1's deflate stream is now garbage
+    path.write_bytes(bytes(data))
+    frames = read_all(opened(path))
+    assert [f.meta.src_index for f in frames] == [0, 1, 2]
+    assert [f.fault for f in frames] == [None, CORRUPT, None]
+    np.testing.assert_array_equal(frames[2].image, pages[2])
 
 
 def test_truncated_pixel_data_raises(tmp_path: Path) -> None:
