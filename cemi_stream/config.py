@@ -178,9 +178,10 @@ class StitchConfig:
     ----------
     layout : {"auto", "raster", "serpentine"}
         Traversal hint; ``auto`` recognises it from the images.
-    min_score : float
-        NCC below which a registration is rejected (the frame is then placed
-        by the motion model, status ``predicted``).
+    min_band_z : float
+        Significance of the band-passed overlap agreement below which a
+        registration is rejected (see ``stitch.register.accept``; calibrated
+        by ``bench/bench_accept.py``: raise it to trust fewer, surer matches).
     chunk_px : int
         Side of the square storage chunks of the mosaic, pixels.
     pixel_size_um : float or None
@@ -193,7 +194,7 @@ class StitchConfig:
     """
 
     layout: Literal["auto", "raster", "serpentine"] = "auto"
-    min_score: float = 0.3
+    min_band_z: float = 12.0
     chunk_px: int = 1024
     pixel_size_um: float | None = None
     journal_fsync: bool = True
@@ -384,8 +385,8 @@ def _validate(config: Config) -> None:
     if config.spool.memory_frames < 1:
         raise ConfigError("spool.memory_frames: must be at least 1")
     st = config.stitch
-    if not 0.0 < st.min_score < 1.0:
-        raise ConfigError(f"stitch.min_score: {st.min_score} is outside 0..1")
+    if not 0.0 <= st.min_band_z <= 1000.0:
+        raise ConfigError(f"stitch.min_band_z: {st.min_band_z} is outside 0..1000")
     if st.chunk_px < 64 or st.chunk_px % 64:
         raise ConfigError(f"stitch.chunk_px: {st.chunk_px} must be a multiple of 64")
     if st.pixel_size_um is not None and not st.pixel_size_um > 0:

@@ -316,7 +316,7 @@ def run_stitch(
     summary = StitchSummary(layout=cfg.layout, frames_dir=_relative(frames_dir, run_dir))
     journaled = read_journal(run_dir)
     summary.resumed_from = len(journaled)
-    registrar = Registrar(RegisterConfig(min_score=cfg.min_score))
+    registrar = Registrar(RegisterConfig(min_band_z=cfg.min_band_z))
     tracker: PathTracker | None = None
     renderer: RenderProcess | None = None
     placements: list[Placement] = []
