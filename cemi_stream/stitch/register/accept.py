@@ -181,7 +181,8 @@ def tolerance(reliability: float, cfg: RegisterConfig) -> float:
     makes it scatter (~ 1 / reliability).
     """
     rel = max(reliability, 1e-6)
-    return cfg.signal_tolerance + cfg.noise_tolerance * (1.0 - rel) / rel
+    # Capped: beyond it the NCC says nothing either way, and significance decides.
+    return min(cfg.signal_tolerance + cfg.noise_tolerance * (1.0 - rel) / rel, 1.0)
 
 
 def ambiguous(signal: float, rival: float, reliability: float, cfg: RegisterConfig) -> bool:

@@ -53,7 +53,7 @@ class RegisterConfig:
     signal_tolerance, noise_tolerance : float
         A true match has noise-normalised NCC ``signal`` ~1; accepted are
         ``1 - tol <= signal <= 1 + 3 tol`` with
-        ``tol = signal_tolerance + noise_tolerance * (1 - rel) / rel``
+        ``tol = min(signal_tolerance + noise_tolerance * (1 - rel) / rel, 1)``
         (``rel`` the reliability): tight where the measurement is precise
         (high dose), wider where noise makes it scatter.
     min_margin : float
@@ -93,7 +93,7 @@ class RegisterConfig:
     downsample: int = 4
     search_px: float | None = None
     min_overlap: float = 0.05
-    min_reliability: float = 0.1
+    min_reliability: float = 0.05
     min_band_z: float = 12.0
     signal_tolerance: float = 0.12
     noise_tolerance: float = 0.1
