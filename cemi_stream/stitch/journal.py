@@ -139,6 +139,7 @@ def placement_to_record(p: Placement) -> dict[str, Any]:
         "seq": p.seq, "src": p.src_index, "row": p.row, "x": p.x, "y": p.y,
         "score": p.score, "status": p.status,
         "c": [[c.i, c.j, c.dx, c.dy, c.weight, c.kind] for c in p.constraints],
+        "why": p.reason,
     }  # fmt: skip
 
 
@@ -150,7 +151,7 @@ def record_to_placement(r: dict[str, Any]) -> Placement:
     ]
     return Placement(
         int(r["seq"]), int(r["src"]), int(r["row"]), float(r["x"]), float(r["y"]),
-        float(r["score"]), str(r["status"]), constraints,
+        float(r["score"]), str(r["status"]), constraints, str(r.get("why", "")),
     )  # fmt: skip
 
 

@@ -51,7 +51,7 @@ from .journal import (
 from .mosaic import MosaicCanvas
 from .register import RegisterConfig, Registrar
 from .solve import Constraint, solve_positions
-from .tracker import PathTracker, Placement
+from .tracker import PathTracker, Placement, final_statuses
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class StitchSummary:
     mosaic_shape: list[int] = field(default_factory=list)
     mosaic_levels: int = 0
     pixel_size_um: float | None = None
+    predicted: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Assembler:
@@ -370,11 +371,18 @@ def run_stitch(
     x0, y0 = result["origin_xy"]
     origin = (x0 - CANVAS_MARGIN_PX, y0 - CANVAS_MARGIN_PX)
     by_seq = {p.seq: p for p in placements}
-    _write_final_positions(run_dir, by_seq, positions, origin)
+    final = final_statuses(placements)
+    _write_final_positions(run_dir, by_seq, positions, origin, final)
     constraints = [c for p in placements for c in p.constraints]
-    everything = solve_positions(list(by_seq), constraints, {}, {0: (0.0, 0.0)})
+    provisional = {p.seq: (p.x, p.y) for p in placements}
+    everything = solve_positions(list(by_seq), constraints, {}, provisional)
     summary.residuals = everything.stats()
-    summary.statuses = dict(Counter(p.status for p in placements))
+    summary.statuses = dict(Counter(status for status, _ in final.values()))
+    summary.predicted = [
+        {"seq": seq, "src_index": by_seq[seq].src_index, "reason": reason}
+        for seq, (status, reason) in sorted(final.items())
+        if status != "placed"
+    ]
     summary.rows = len({p.row for p in placements})
     summary.layout = tracker.layout
     summary.seconds = time.monotonic() - started
@@ -420,8 +428,12 @@ def _write_final_positions(
     placements: dict[int, Placement],
     positions: dict[int, tuple[float, float]],
     origin: tuple[float, float],
+    final: dict[int, tuple[str, str]],
 ) -> None:
     """Replace ``positions.csv`` by refined positions in level-0 array pixels.
+
+    The status is the final one (:func:`~cemi_stream.stitch.tracker.final_statuses`):
+    a frame first predicted and later tied by a measurement is ``placed``.
 
     Frames the capture rejected as faults (``capture.csv``) are listed too,
     with status ``skipped`` and no position, so that there is one line per
@@ -430,7 +442,8 @@ def _write_final_positions(
     lines: list[tuple[int, str]] = []
     for seq, p in placements.items():
         x, y = positions[seq]
-        line = format_position(seq, p.src_index, x - origin[0], y - origin[1], p.score, p.status)
+        status = final[seq][0]
+        line = format_position(seq, p.src_index, x - origin[0], y - origin[1], p.score, status)
         lines.append((p.src_index, line))
     capture_csv = run_dir / "capture.csv"
     if capture_csv.is_file():

@@ -56,6 +56,9 @@ class RegisterConfig:
         ``tol = min(signal_tolerance + noise_tolerance * (1 - rel) / rel, 1)``
         (``rel`` the reliability): tight where the measurement is precise
         (high dose), wider where noise makes it scatter.
+    strong_band_z : float
+        ``band_z`` beyond which the signal tolerance widens (as the square
+        root of ``band_z / strong_band_z``).
     min_margin : float
         How far the answer's ``signal`` must stand above that of any
         competing candidate that would pass as a match itself (periodic and
@@ -94,10 +97,11 @@ class RegisterConfig:
     search_px: float | None = None
     min_overlap: float = 0.05
     min_reliability: float = 0.05
-    min_band_z: float = 12.0
+    min_band_z: float = 14.0
     signal_tolerance: float = 0.12
     noise_tolerance: float = 0.1
     min_margin: float = 0.15
+    strong_band_z: float = 30.0
     peaks: int = 4
     fine_window: int = 256
     coarse_lowpass: float = 0.3
@@ -127,6 +131,8 @@ class RegisterConfig:
             raise bad("min_overlap", "is outside (0, 1]")
         if not 0.0 < self.min_reliability <= 1.0:
             raise bad("min_reliability", "is outside (0, 1]")
+        if not (isinstance(self.strong_band_z, int | float) and self.strong_band_z > 0):
+            raise bad("strong_band_z", "must be > 0")
         for name in ("min_band_z", "signal_tolerance", "noise_tolerance"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
