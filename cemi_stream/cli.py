@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import DENOISE_BACKENDS, Config, load_config
 from .errors import CemiError
+from .report import EXIT_PREDICTED, skipped_count, stitch_report
 
 log = logging.getLogger("cemi_stream")
 
@@ -75,6 +76,52 @@ def _add_levels(p: argparse.ArgumentParser) -> None:
         "bits or percentiles of the first frames), full (the type's range, 16-bit / 257), or "
         "LO,HI in input grey levels",
     )
+
+
+def _add_stitch_options(p: argparse.ArgumentParser) -> None:
+    """Tile-grid description and the predicted-frames policy (``replay`` and ``stitch``)."""
+    p.add_argument(
+        "--grid",
+        metavar="COLSxROWS",
+        help="the frames are a tile grid of COLS x ROWS (files in natural order): register "
+        "each tile against its grid neighbours",
+    )
+    p.add_argument(
+        "--order",
+        choices=["row", "column"],
+        help="with --grid: how the files are numbered, row by row (default) or column by column",
+    )
+    p.add_argument(
+        "--serpentine",
+        action="store_true",
+        default=None,
+        help="with --grid: every other row (column) runs backwards",
+    )
+    p.add_argument(
+        "--overlap",
+        dest="grid_overlap",
+        metavar="F[,FY]",
+        help="with --grid: nominal overlap of neighbouring tiles, a fraction (one value, or x,y)",
+    )
+    p.add_argument(
+        "--allow-predicted",
+        action="store_true",
+        help=f"exit 0 even when more than half of the frames could not be registered (else "
+        f"exit {EXIT_PREDICTED})",
+    )
+
+
+def _stitch_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "grid", None) is not None:
+        out["stitch.grid"] = args.grid
+    if getattr(args, "order", None) is not None:
+        out["stitch.order"] = args.order
+    if getattr(args, "serpentine", None):
+        out["stitch.serpentine"] = True
+    if getattr(args, "grid_overlap", None) is not None:
+        out["stitch.overlap"] = args.grid_overlap
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stage's output)",
     )
     p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
+    _add_stitch_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_stitch)
 
@@ -232,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size-um", type=float, metavar="X")
     p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
     _add_levels(p)
+    _add_stitch_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_replay)
 
@@ -392,11 +441,11 @@ def cmd_stitch(args: argparse.Namespace) -> int:
         extra["stitch.pixel_size_um"] = args.pixel_size_um
     if args.layout:
         extra["stitch.layout"] = args.layout
-    config = _config(args, extra)
+    config = _config(args, {**extra, **_stitch_overrides(args)})
     _setup_logging(args, config)
     stop = threading.Event()
     with _stop_on_signals(stop):
-        run_stitch(
+        summary = run_stitch(
             args.run_dir,
             config,
             frames_dir=args.frames_dir,
@@ -404,7 +453,19 @@ def cmd_stitch(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             wait_s=args.wait,
         )
-    return EXIT_INTERRUPTED if stop.is_set() else 0
+    if stop.is_set():
+        return EXIT_INTERRUPTED
+    capture = _read_json(args.run_dir / "capture.json").get("summary", {})
+    lines, code = stitch_report(
+        run_dir=args.run_dir, frames=summary.frames, statuses=summary.statuses, rows=summary.rows,
+        skipped=skipped_count(capture.get("reasons", {}), capture.get("kept", 0),
+                              capture.get("frames_in", 0)),
+        residuals=summary.residuals, mosaic_shape=summary.mosaic_shape,
+        levels=summary.mosaic_levels, predicted=summary.predicted, seconds=summary.seconds,
+        allow_predicted=args.allow_predicted, what="stitch",
+    )  # fmt: skip
+    _emit(lines)
+    return code
 
 
 def cmd_denoise_stage(args: argparse.Namespace) -> int:
@@ -440,7 +501,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.pixel_size_um is not None and not args.pixel_size_um > 0:
         raise CemiError(f"--pixel-size-um {args.pixel_size_um}: must be positive")
-    config = _config(args)
+    config = _config(args, _stitch_overrides(args))
     _setup_logging(args, config)
     summary = run_replay(
         args.source,
@@ -453,10 +514,47 @@ def cmd_replay(args: argparse.Namespace) -> int:
         model=args.model,
         progress=not args.quiet,
         levels=args.levels,
+        stitch_args=_stitch_args(args),
     )
-    keys = ("counts", "timings", "mosaic", "residuals", "denoise")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
-    return 0
+    counts, mosaic = summary["counts"], summary["mosaic"]
+    lines, code = stitch_report(
+        run_dir=args.out, frames=counts["stitched"], statuses=counts["statuses"],
+        rows=counts["rows"],
+        skipped=skipped_count(counts["capture_reasons"], counts["frames_kept"],
+                              counts["frames_read"]),
+        residuals=summary["residuals"], mosaic_shape=mosaic["shape"], levels=mosaic["levels"],
+        predicted=summary.get("predicted", []), seconds=summary["timings"]["wall_s"],
+        allow_predicted=args.allow_predicted, what="replay",
+    )  # fmt: skip
+    _emit(lines)
+    return code
+
+
+def _stitch_args(args: argparse.Namespace) -> list[str]:
+    """The grid options, passed on to the stitch process as given."""
+    out: list[str] = []
+    for flag, value in (("--grid", args.grid), ("--order", args.order),
+                        ("--overlap", args.grid_overlap)):  # fmt: skip
+        if value is not None:
+            out += [flag, str(value)]
+    if args.serpentine:
+        out.append("--serpentine")
+    return out
+
+
+def _emit(lines: list[str]) -> None:
+    """The closing summary: results on stdout, warnings and errors on stderr."""
+    for line in lines:
+        stream = sys.stderr if line.startswith(("warning:", "error:")) else sys.stdout
+        print(line, file=stream)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cmd_tap(args: argparse.Namespace) -> int:

@@ -191,14 +191,28 @@ class StitchConfig:
         covers every frame written since its last fsync (group commit).
     preview_max_side : int
         Longest side of ``preview.png`` in pixels.
+    grid : str or None
+        ``"COLSxROWS"``: the frames are a tile grid (see
+        :mod:`cemi_stream.stitch.grid`); None follows a stage path.
+    order : {"row", "column"}
+        How a grid's files are numbered: row by row or column by column.
+    serpentine : bool
+        Every other grid row (column, with ``order = "column"``) runs backwards.
+    overlap : str or None
+        Nominal overlap of neighbouring grid tiles, ``"F"`` or ``"FX,FY"``
+        (fractions of the tile); None: 0.1.
     """
 
     layout: Literal["auto", "raster", "serpentine"] = "auto"
-    min_band_z: float = 12.0
+    min_band_z: float = 14.0
     chunk_px: int = 1024
     pixel_size_um: float | None = None
     journal_fsync: bool = True
     preview_max_side: int = 2048
+    grid: str | None = None
+    order: Literal["row", "column"] = "row"
+    serpentine: bool = False
+    overlap: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +403,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"stitch.min_band_z: {st.min_band_z} is outside 0..1000")
     if st.chunk_px < 64 or st.chunk_px % 64:
         raise ConfigError(f"stitch.chunk_px: {st.chunk_px} must be a multiple of 64")
+    from .stitch.gridspec import grid_spec
+
+    grid_spec(st)  # raises ConfigError naming the option
     if st.pixel_size_um is not None and not st.pixel_size_um > 0:
         raise ConfigError(f"stitch.pixel_size_um: {st.pixel_size_um} must be positive")
     if config.spool.fsync_interval_s < 0:

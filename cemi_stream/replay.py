@@ -111,6 +111,7 @@ def run_replay(
     model: str | None = None,
     progress: bool = True,
     levels: str | None = None,
+    stitch_args: list[str] | None = None,
 ) -> dict[str, Any]:
     """Capture, denoise (optionally) and stitch ``source`` into ``run_dir``.
 
@@ -134,6 +135,9 @@ def run_replay(
     levels : str or None
         ``--levels`` of the capture process (``auto``, ``full`` or ``LO,HI``;
         None: ``capture.levels`` of the configuration).
+    stitch_args : list of str or None
+        Further options of the stitch process (``--grid``, ``--order``,
+        ``--serpentine``, ``--overlap``).
 
     Returns
     -------
@@ -166,7 +170,9 @@ def run_replay(
         capture_cmd += ["--keyframes", keyframes]
     if levels:
         capture_cmd += ["--levels", levels]
-    stitch_cmd = [*module, "stitch", "--run-dir", str(run_dir), *common]
+    # The stitch process never fails on predicted frames: replay judges the run.
+    stitch_cmd = [*module, "stitch", "--run-dir", str(run_dir), "--allow-predicted", *common,
+                  *(stitch_args or [])]  # fmt: skip
     if pixel_size_um is not None:
         stitch_cmd += ["--pixel-size-um", str(pixel_size_um)]
     if layout:
@@ -335,6 +341,8 @@ def _run_summary(run_dir: Path, source: str, seconds: float, denoise: bool) -> d
             "layout": st["layout"],
         },
         "residuals": st["residuals"],
+        # Why each frame placed by a motion model was not registered.
+        "predicted": st.get("predicted", []),
         "levels": cap.get("levels"),  # the capture's grey-level window (input -> 8 bits)
         "denoise": {"backend": "off"},
     }

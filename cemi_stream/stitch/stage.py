@@ -39,6 +39,8 @@ from ..errors import CemiError
 from ..frame import FrameMeta
 from ..progress import Progress
 from .feed import SpoolFrames, frames_in_order
+from .grid import GridTracker
+from .gridspec import grid_spec
 from .journal import (
     POSITIONS,
     POSITIONS_HEADER,
@@ -318,7 +320,8 @@ def run_stitch(
     journaled = read_journal(run_dir)
     summary.resumed_from = len(journaled)
     registrar = Registrar(RegisterConfig(min_band_z=cfg.min_band_z))
-    tracker: PathTracker | None = None
+    tracker: PathTracker | GridTracker | None = None
+    grid = grid_spec(cfg)
     renderer: RenderProcess | None = None
     placements: list[Placement] = []
     journal = Journal(run_dir, fsync=cfg.journal_fsync)
@@ -333,7 +336,11 @@ def run_stitch(
             if tracker is None or renderer is None:
                 if pixel_size_um is None and frame.meta.pixel_size_nm:
                     pixel_size_um = frame.meta.pixel_size_nm / 1000.0
-                tracker = PathTracker(registrar, frame.shape, layout=cfg.layout)
+                tracker = (
+                    PathTracker(registrar, frame.shape, layout=cfg.layout)
+                    if grid is None
+                    else GridTracker(registrar, frame.shape, grid)
+                )
                 renderer = RenderProcess(
                     run_dir, frames_dir, frame.shape, pixel_size_um, cfg.chunk_px,
                     cfg.preview_max_side,

@@ -6,13 +6,14 @@ import dataclasses
 import logging
 import math
 
+import cv2
 import numpy as np
 
 from cemi_stream.errors import ConfigError
 
 from .accept import agreement, ambiguous, band_image, noise_variance, trustworthy
 from .coarse import Candidate, coarse_candidates, coarse_spectrum
-from .fine import residual
+from .fine import noise_adapted, residual
 from .spectral import MIN_WINDOW, detail_image, ncc, overlap, reduce_blocks, window_size
 from .types import IDENTICAL, Prepared, RegisterConfig, RegistrationError, Shift
 
@@ -86,9 +87,12 @@ class Registrar:
         # Block averaging divides the noise, not a real contrast: compare
         # against the threshold scaled the same way.
         flat = float(small.std()) < _FLAT_STD / f
+        noise = noise_variance(view)
+        variance = float(cv2.meanStdDev(view)[1][0, 0]) ** 2
+        reliability = max(1.0 - noise / variance, 0.0) if variance > 0 else 0.0
         prep = Prepared(
             view, small, detail_image(small), f, flat, self.config,
-            noise=noise_variance(view), band=band_image(view),
+            noise=noise, band=band_image(view), reliability=reliability,
         )  # fmt: skip
         if not flat:
             coarse_spectrum(prep, f, small.shape, self.config)
@@ -209,14 +213,15 @@ class Registrar:
         (hr, wr), (hm, wm) = ref.shape, mov.shape
         x0, x1 = max(0, ix), min(wr, ix + wm)
         y0, y1 = max(0, iy), min(hr, iy + hm)
-        win_w, win_h = window_size(x1 - x0, y1 - y0, cfg.fine_window)
+        lowpass, whitening, side = noise_adapted(min(ref.reliability, mov.reliability), cfg)
+        win_w, win_h = window_size(x1 - x0, y1 - y0, side)
         res = None
         if win_w >= MIN_WINDOW and win_h >= MIN_WINDOW:
             cx = x0 + (x1 - x0 - win_w) // 2
             cy = y0 + (y1 - y0 - win_h) // 2
             ra = ref.image[cy : cy + win_h, cx : cx + win_w]
             ma = mov.image[cy - iy : cy - iy + win_h, cx - ix : cx - ix + win_w]
-            res = residual(ra, ma, max(ref.factor, mov.factor) + 2, cfg)
+            res = residual(ra, ma, max(ref.factor, mov.factor) + 2, cfg, lowpass, whitening)
         fx, fy = (ix + res[0], iy + res[1]) if res is not None else (cand.dx, cand.dy)
         rx, ry = round(fx), round(fy)
         if rx == 0 and ry == 0 and np.array_equal(ref.image, mov.image):

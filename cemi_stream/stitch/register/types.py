@@ -240,6 +240,8 @@ class Prepared:
     band : ndarray of float32 or None
         The frame band-passed at half resolution
         (:func:`~cemi_stream.stitch.register.accept.band_image`).
+    reliability : float
+        Fraction of the frame's variance that is signal, ``1 - noise / var``.
     """
 
     image: np.ndarray
@@ -250,6 +252,7 @@ class Prepared:
     owner: RegisterConfig = field(repr=False)
     noise: float = 0.0
     band: np.ndarray | None = field(default=None, repr=False)
+    reliability: float = 1.0
     # Whitened, filtered low-resolution spectra keyed by (factor, height,
     # width) of the transform; frames of another size need another one.
     spectra: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
