@@ -349,17 +349,31 @@ class PathTracker:
     def _find_row_start(
         self, cur: Prepared, stage: tuple[float, float] | None
     ) -> tuple[Shift, str, int] | None:
-        """Search ``cur`` at the start (raster) and end (serpentine) of the current row."""
+        """Search ``cur`` at the start (raster) and end (serpentine) of the current row.
+
+        When neither end matches (its overlap with the new row may be
+        featureless), the frame next to each end is tried too.
+        """
         row = self.rows[-1].seqs
+        best = self._row_start_at(cur, stage, row[0], row[-1] if row[-1] != row[0] else None)
+        if best is None and len(row) >= 3:
+            best = self._row_start_at(cur, stage, row[1], row[-2] if len(row) >= 4 else None)
+        return best
+
+    def _row_start_at(
+        self, cur: Prepared, stage: tuple[float, float] | None, start: int, end: int | None
+    ) -> tuple[Shift, str, int] | None:
         candidates: list[tuple[str, int]] = []
         if self.layout in ("auto", "raster"):
-            candidates.append(("raster", row[0]))
-        if self.layout in ("auto", "serpentine") and row[-1] != row[0]:
-            candidates.append(("serpentine", row[-1]))
+            candidates.append(("raster", start))
+        if self.layout in ("auto", "serpentine") and end is not None:
+            candidates.append(("serpentine", end))
+        ends = (self.rows[-1].seqs[0], self.rows[-1].seqs[-1])
         best: tuple[Shift, str, int] | None = None
         across = self._across_row()
         for layout, anchor in candidates:
-            predicted = self._row_step if layout == self._layout_seen() else None
+            seen = layout == self._layout_seen() and anchor in ends
+            predicted = self._row_step if seen else None
             shift = self.registrar.register(self._prepared[anchor], cur, predicted, None)
             # A row step must leave the row: a hit inside it is the same row, missed.
             reach = abs(across[0]) * self.width + abs(across[1]) * self.height
@@ -409,7 +423,8 @@ class PathTracker:
         if self.layout == "auto":
             self.layout = layout  # type: ignore[assignment]
             log.info("traversal layout recognised as %s", layout)
-        self._row_step = (shift.dx, shift.dy)
+        if anchor in (finished.seqs[0], finished.seqs[-1]):
+            self._row_step = (shift.dx, shift.dy)
         ax, ay = self.positions[anchor]
         c = Constraint(anchor, seq, shift.dx, shift.dy, max(shift.score, 1e-3), "row")
         return Placement(
@@ -573,10 +588,12 @@ def final_statuses(placements: Iterable[Placement]) -> dict[int, tuple[str, str]
             a = parent[a]
         return a
 
+    measured: set[int] = set()
     for p in items:
         for c in p.constraints:
             if c.kind != MOTION and c.i in parent and c.j in parent:
                 parent[root(c.i)] = root(c.j)
+                measured.update((c.i, c.j))
     sizes: dict[int, int] = {}
     for p in items:
         sizes[root(p.seq)] = sizes.get(root(p.seq), 0) + 1

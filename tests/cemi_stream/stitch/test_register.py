@@ -17,7 +17,6 @@ from cemi_stream.stitch.register import (
     RegisterConfig,
     Registrar,
     RegistrationError,
-    Shift,
 )
 from drivers.sim import Scanner, SimConfig, SimSource
 
