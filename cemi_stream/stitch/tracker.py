@@ -31,7 +31,7 @@ the mosaic (``placed``) and which only a motion model does (``predicted``).
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -143,6 +143,7 @@ class PathTracker:
         self._ties = _Ties()
         self._held: list[int] = []  # predicted with no motion prior yet, oldest first
         self._loose: deque[int] = deque(maxlen=_LOOSE_KEEP)  # recent frames not tied
+        self._tries: Counter[int] = Counter()  # attempts to tie each loose frame
 
     # -- public ------------------------------------------------------------
 
@@ -308,7 +309,7 @@ class PathTracker:
         Only runs while some recent frame is loose (held, or an island behind
         a broken chain), so an ordinary run pays nothing for it.
         """
-        loose = [s for s in self._loose if not self._ties.tied(s)]
+        loose = [s for s in self._loose if not self._ties.tied(s) and self._tries[s] < _BACK]
         if not loose:
             return
         measured = {c.i for c in placement.constraints if c.kind != MOTION}
@@ -320,8 +321,11 @@ class PathTracker:
             targets = [s for s in reversed(row) if self._ties.tied(s) and s not in measured]
         for other in targets[:_BACK]:
             prep = self._prepared.get(other)
-            if prep is None:
+            ox, oy = self.positions[other]
+            if prep is None or not self._may_overlap((ox, oy), (placement.x, placement.y)):
                 continue
+            if not self._ties.tied(other):
+                self._tries[other] += 1  # a frame that never matches is given up on
             shift = self.registrar.register(prep, cur, None, None)
             if shift.ok:
                 log.info("frame %d: tied to frame %d", placement.seq, other)
@@ -330,6 +334,10 @@ class PathTracker:
                                LINK)
                 )  # fmt: skip
                 return
+
+    def _may_overlap(self, a: tuple[float, float], b: tuple[float, float]) -> bool:
+        """Whether frames at provisional positions ``a`` and ``b`` can overlap (with slack)."""
+        return abs(a[0] - b[0]) < 1.25 * self.width and abs(a[1] - b[1]) < 1.25 * self.height
 
     def _prior_for_held(self, placement: Placement) -> None:
         """Once the motion is known, give every held frame its motion prior."""

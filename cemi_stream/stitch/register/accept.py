@@ -38,7 +38,7 @@ from .types import Prepared, RegisterConfig
 
 _BAND_LOW = 1.0  # full-resolution px: finer detail is mostly pixel noise
 _BAND_HIGH = 8.0  # full-resolution px: coarser structure agrees by chance too easily
-_NOISE_SAMPLES = 50_000  # second differences the noise estimate is made from
+_NOISE_SAMPLES = 25_000  # second differences the noise estimate is made from
 _NOISE_BANDS = 8  # brightness bands of the noise estimate (shot noise grows with the signal)
 _MIN_RELIABILITY = 0.02  # floor of R per side: keeps the division finite
 
@@ -50,6 +50,7 @@ class Agreement:
     signal: float
     band_z: float
     reliability: float
+    ncc: float = 0.0  # the plain zero-mean NCC of the (windowed) overlap
 
 
 def noise_variance(image: np.ndarray) -> float:
@@ -65,7 +66,7 @@ def noise_variance(image: np.ndarray) -> float:
     brightness, so the estimate is made per brightness band (octiles of the
     local mean) and averaged over them: a single median would report the
     noise of the median grey level and miss the brighter phase's.  About
-    50,000 samples are used, whatever the frame size.
+    25,000 samples are used, whatever the frame size.
 
     Parameters
     ----------
@@ -80,7 +81,7 @@ def noise_variance(image: np.ndarray) -> float:
     h, w = image.shape
     if h < 4:
         return 0.0
-    # About 50,000 samples whatever the frame size: every other line triple,
+    # About 25,000 samples whatever the frame size: every other line triple,
     # columns strided to fit.  Integer histograms instead of sorting: the
     # estimate costs ~1 ms per frame.
     step = max(1, round(w * (h // 2) / _NOISE_SAMPLES))
@@ -104,13 +105,19 @@ def noise_variance(image: np.ndarray) -> float:
     return float(np.mean(sigma**2) / 1.5)
 
 
-def band_image(image: np.ndarray) -> np.ndarray:
+def band_image(image: np.ndarray, small: np.ndarray | None = None, factor: int = 4) -> np.ndarray:
     """The frame at half resolution, band-passed (difference of Gaussians, 2 to 16 px).
 
     Parameters
     ----------
     image : ndarray of uint8
         The frame ``(y, x)``.
+    small : ndarray of float32 or None
+        The frame already reduced ``factor`` times (the coarse stage's); the
+        wide Gaussian is taken there and brought back to half resolution,
+        which costs a fifth of blurring the half-resolution frame itself.
+    factor : int
+        Reduction of ``small``.
 
     Returns
     -------
@@ -119,11 +126,18 @@ def band_image(image: np.ndarray) -> np.ndarray:
         pixels ``2j, 2j + 1``.
     """
     h, w = image.shape
-    half = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA).astype(np.float32)
-    out: np.ndarray = cv2.GaussianBlur(half, (0, 0), _BAND_LOW / 2) - cv2.GaussianBlur(
-        half, (0, 0), _BAND_HIGH / 2
-    )
-    return out
+    hh, hw = h // 2, w // 2
+    half = cv2.resize(image, (hw, hh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    fine: np.ndarray = cv2.GaussianBlur(half, (0, 0), _BAND_LOW / 2)
+    if small is not None and factor in (2, 4):
+        wide = cv2.GaussianBlur(small, (0, 0), _BAND_HIGH / factor)
+        if factor == 4:
+            wide = cv2.resize(wide, (hw, hh), interpolation=cv2.INTER_LINEAR)
+        # ``small`` is zero-mean: the mean comes back with the fine part.
+        fine -= wide[:hh, :hw] + float(half.mean())
+        return fine
+    fine -= cv2.GaussianBlur(half, (0, 0), _BAND_HIGH / 2)
+    return fine
 
 
 def agreement(ref: Prepared, mov: Prepared, dx: int, dy: int, side: int) -> Agreement:
@@ -158,19 +172,20 @@ def agreement(ref: Prepared, mov: Prepared, dx: int, dy: int, side: int) -> Agre
     pb = b[cy - dy : cy - dy + ch, cx - dx : cx - dx + cw]
     sa = float(cv2.meanStdDev(pa)[1][0, 0])
     sb = float(cv2.meanStdDev(pb)[1][0, 0])
-    signal = rel = 0.0
+    signal = rel = plain = 0.0
     if sa > 1e-3 and sb > 1e-3:
         ra = max(1.0 - ref.noise / (sa * sa), _MIN_RELIABILITY)
         rb = max(1.0 - mov.noise / (sb * sb), _MIN_RELIABILITY)
         rel = math.sqrt(ra * rb)
-        signal = ncc(pa, pb, 0, 0) / rel
+        plain = ncc(pa, pb, 0, 0)
+        signal = plain / rel
     band_z = 0.0
     if ref.band is not None and mov.band is not None:
         hx, hy = round(dx / 2), round(dy / 2)
         (bha, bwa), (bhb, bwb) = ref.band.shape, mov.band.shape
         n = max(0, min(bwa, hx + bwb) - max(0, hx)) * max(0, min(bha, hy + bhb) - max(0, hy))
         band_z = ncc(ref.band, mov.band, hx, hy) * math.sqrt(n)
-    return Agreement(float(signal), float(band_z), float(rel))
+    return Agreement(float(signal), float(band_z), float(rel), float(plain))
 
 
 def trustworthy(agree: Agreement, cfg: RegisterConfig) -> str:

@@ -138,7 +138,7 @@ def _band_spectrum(crop: np.ndarray, band: _Band, edges: str) -> np.ndarray:
     return spec
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)
 def _band(h: int, w: int, lowpass: float, highpass: float) -> _Band:
     """Frequencies of an ``h`` x ``w`` spectrum inside the fine pass band (cached)."""
     fmax = min(0.5, _BAND_SIGMAS * lowpass)

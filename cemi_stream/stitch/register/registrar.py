@@ -92,7 +92,7 @@ class Registrar:
         reliability = max(1.0 - noise / variance, 0.0) if variance > 0 else 0.0
         prep = Prepared(
             view, small, detail_image(small), f, flat, self.config,
-            noise=noise, band=band_image(view), reliability=reliability,
+            noise=noise, band=band_image(view, small, f), reliability=reliability,
         )  # fmt: skip
         if not flat:
             coarse_spectrum(prep, f, small.shape, self.config)
@@ -252,7 +252,7 @@ class Registrar:
                 fx, fy, why, agree.signal, agree.band_z, agree.reliability, ov,
             )  # fmt: skip
         return Shift(
-            float(fx), float(fy), ncc(ref.image, mov.image, rx, ry), not why, float(ov),
+            float(fx), float(fy), agree.ncc, not why, float(ov),
             float(detail), agree.signal, agree.band_z, agree.reliability, 0.0, why,
         )  # fmt: skip
 

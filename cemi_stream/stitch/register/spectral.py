@@ -121,7 +121,7 @@ def periodic_spectrum(img: np.ndarray, copy: bool = True) -> np.ndarray:
     return spec
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=256)
 def smooth_factors(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Spectra of the smooth component per unit row / column jump (complex64 ``(h, w)``).
 
