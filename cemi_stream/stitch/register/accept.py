@@ -140,7 +140,9 @@ def band_image(image: np.ndarray, small: np.ndarray | None = None, factor: int =
     return fine
 
 
-def agreement(ref: Prepared, mov: Prepared, dx: int, dy: int, side: int) -> Agreement:
+def agreement(
+    ref: Prepared, mov: Prepared, dx: int, dy: int, side: int, band: bool = True
+) -> Agreement:
     """Measure the agreement of ``ref`` and ``mov`` at whole-pixel shift ``(dx, dy)``.
 
     Parameters
@@ -150,9 +152,11 @@ def agreement(ref: Prepared, mov: Prepared, dx: int, dy: int, side: int) -> Agre
     dx, dy : int
         ``mov``'s top-left minus ``ref``'s, pixels.
     side : int
-        The full-resolution statistics use a centred window of the overlap
-        of at most ``side`` x ``side`` pixels of area (longer for a narrow
-        strip), which bounds their cost.
+        The statistics use a centred window of the overlap of at most
+        ``side`` x ``side`` pixels of area (longer for a narrow strip), at
+        full and at half resolution, which bounds their cost.
+    band : bool
+        Measure ``band_z`` too (not needed to compare rival candidates).
 
     Returns
     -------
@@ -180,11 +184,18 @@ def agreement(ref: Prepared, mov: Prepared, dx: int, dy: int, side: int) -> Agre
         plain = ncc(pa, pb, 0, 0)
         signal = plain / rel
     band_z = 0.0
-    if ref.band is not None and mov.band is not None:
+    if band and ref.band is not None and mov.band is not None:
         hx, hy = round(dx / 2), round(dy / 2)
         (bha, bwa), (bhb, bwb) = ref.band.shape, mov.band.shape
-        n = max(0, min(bwa, hx + bwb) - max(0, hx)) * max(0, min(bha, hy + bhb) - max(0, hy))
-        band_z = ncc(ref.band, mov.band, hx, hy) * math.sqrt(n)
+        x0, x1 = max(0, hx), min(bwa, hx + bwb)
+        y0, y1 = max(0, hy), min(bha, hy + bhb)
+        if x1 - x0 >= 2 and y1 - y0 >= 2:
+            cw, ch = window_size(x1 - x0, y1 - y0, side)
+            cx = x0 + (x1 - x0 - cw) // 2
+            cy = y0 + (y1 - y0 - ch) // 2
+            qa = ref.band[cy : cy + ch, cx : cx + cw]
+            qb = mov.band[cy - hy : cy - hy + ch, cx - hx : cx - hx + cw]
+            band_z = ncc(qa, qb, 0, 0) * math.sqrt(qa.size)
     return Agreement(float(signal), float(band_z), float(rel), float(plain))
 
 

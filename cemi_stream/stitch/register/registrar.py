@@ -88,7 +88,8 @@ class Registrar:
         # against the threshold scaled the same way.
         flat = float(small.std()) < _FLAT_STD / f
         noise = noise_variance(view)
-        variance = float(cv2.meanStdDev(view)[1][0, 0]) ** 2
+        # Every 4th pixel each way is plenty for the variance of the frame.
+        variance = float(cv2.meanStdDev(np.ascontiguousarray(view[::4, ::4]))[1][0, 0]) ** 2
         reliability = max(1.0 - noise / variance, 0.0) if variance > 0 else 0.0
         prep = Prepared(
             view, small, detail_image(small), f, flat, self.config,
@@ -268,11 +269,10 @@ class Registrar:
         cfg = self.config
         factor = min(ref.factor, mov.factor)
         rival = 0.0
-        for c in candidates[: cfg.peaks]:
+        for c in candidates[: cfg.peaks] if best.ok else []:
             if math.hypot(c.dx - best.dx, c.dy - best.dy) > 2 * factor:
-                rival = max(
-                    rival, agreement(ref, mov, round(c.dx), round(c.dy), cfg.fine_window).signal
-                )
+                other = agreement(ref, mov, round(c.dx), round(c.dy), cfg.fine_window, band=False)
+                rival = max(rival, other.signal)
         twofold = best.ok and ambiguous(best.signal, rival, best.reliability, cfg)
         if twofold:
             log.debug("register: ambiguous: signal %.3f, rival %.3f", best.signal, rival)
