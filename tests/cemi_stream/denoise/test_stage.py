@@ -204,9 +204,11 @@ def test_replay_with_denoising(model: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(REPO / "run_daemon.py"), "replay", str(sim / "frames"), "--out",
-         str(run_dir), "--denoise", "cpu", "--model", str(model), "-q"],
+         str(run_dir), "--denoise", "cpu", "--model", str(model), "-q", "--allow-predicted"],
         capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
     )  # fmt: skip
+    # An untrained model's output registers poorly: without --allow-predicted
+    # this run would (rightly) exit 3; the plumbing is what is tested here.
     assert result.returncode == 0, result.stderr
     with open(run_dir / "positions.csv") as f:
         rows = list(csv.DictReader(f))
