@@ -46,7 +46,7 @@ def test_grid_cells_in_the_four_numberings() -> None:
 
 
 @pytest.mark.parametrize(
-    "opts, match",
+    ("opts", "match"),
     [(_Opts("5"), "COLSxROWS"), (_Opts("1x1"), "COLSxROWS"), (_Opts("5x4", "diagonal"), "order"),
      (_Opts("5x4", overlap="0.95"), "overlap"), (_Opts(None, overlap="abc"), "overlap")],
 )  # fmt: skip
@@ -77,7 +77,7 @@ def test_sparse_16_bit_grid_at_small_overlap(tmp_path: Path) -> None:
         report_stage=False,
     )  # fmt: skip
     write_simulation(sim, tmp_path / "sim")
-    truth = list(csv.DictReader(open(tmp_path / "sim" / "ground_truth.csv")))
+    truth = list(csv.DictReader((tmp_path / "sim" / "ground_truth.csv").read_text().splitlines()))
     folder = tmp_path / "tiles"
     folder.mkdir()
     cells = {}
@@ -96,7 +96,7 @@ def test_sparse_16_bit_grid_at_small_overlap(tmp_path: Path) -> None:
     assert "frames in" in result.stdout and "{" not in result.stdout  # a summary, no JSON dump
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["levels"]["window"] != [0, 65535]  # one narrow window, not /257
-    positions = list(csv.DictReader(open(run / "positions.csv")))
+    positions = list(csv.DictReader((run / "positions.csv").read_text().splitlines()))
     assert len(positions) == cols * rows
     est, ref = [], []
     for p in positions:
