@@ -94,7 +94,7 @@ def _usable(path: Path | None) -> tuple[int, int, int, int]:
     """``(x0, y0, width, height)`` of an image's specimen area (data bars left out)."""
     if path is None:
         return 0, 0, 20000, 20000
-    from cemi_stream.preprocess import detect_crop
+    from cemi_stream.capture.crop import detect_crop
     from drivers.sim.specimen import read_image
 
     img = read_image(path)

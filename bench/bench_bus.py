@@ -21,10 +21,10 @@ import numpy as np
 import zmq
 
 from bench.common import write_result
-from cemi_stream.bus import FrameLog, FrameReceiver, PipeSender
+from cemi_stream.bus.protocol import Kind
+from cemi_stream.bus.transport import FrameLog, FrameReceiver, PipeSender
 from cemi_stream.config import BusConfig
 from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.protocol import Kind
 
 SHAPE = (768, 1024)
 

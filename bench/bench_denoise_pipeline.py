@@ -29,9 +29,9 @@ import numpy as np
 
 from bench.bench_stitch import position_errors
 from bench.common import write_result
+from cemi_stream.capture.spool import SpoolReader
 from cemi_stream.denoise.metrics import psnr
 from cemi_stream.denoise.pairs import load_gray
-from cemi_stream.spool import SpoolReader
 from cemi_stream.stitch.feed import DENOISED_DIR
 from drivers.sim import config_from_options, write_simulation
 

@@ -18,9 +18,10 @@ import time
 import numpy as np
 
 from bench.common import write_result
+from cemi_stream.capture.crop import detect_crop
+from cemi_stream.capture.faults import FaultDetector
+from cemi_stream.capture.keyframes import KeyframeSelector, overlap_fraction
 from cemi_stream.config import FaultConfig, KeyframeConfig
-from cemi_stream.keyframes import KeyframeSelector, overlap_fraction
-from cemi_stream.preprocess import FaultDetector, detect_crop
 from drivers.sim import SimConfig, SimSource
 
 

@@ -58,7 +58,7 @@ from bench.real_cases import (
     error_vector,
     prepare_specimens,
 )
-from cemi_stream.capture import run_capture
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import load_config
 from cemi_stream.stitch.stage import run_stitch
 from drivers.sim import SimConfig, write_simulation

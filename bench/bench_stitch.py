@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, write_result
-from cemi_stream.capture import run_capture
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import load_config
 from cemi_stream.stitch.stage import run_stitch
 from drivers.sim import SimConfig, write_simulation

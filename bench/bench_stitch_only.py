@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import write_result
-from cemi_stream.spool import SPOOL_DIR
+from cemi_stream.capture.spool import SPOOL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTURE_FILES = ("capture.csv", "capture.json")

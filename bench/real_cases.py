@@ -7,7 +7,7 @@ preset, optionally made noisier with ``noise_scale`` (shot noise multiplied,
 dose divided by its square).  The simulator mirror-tiles a specimen to cover
 the whole traversal and does not strip data bars, so each micrograph is first
 cropped to its image area with the capture's own detector
-(:func:`cemi_stream.preprocess.detect_crop`) and written as a PNG to a
+(:func:`cemi_stream.capture.crop.detect_crop`) and written as a PNG to a
 scratch folder (never into the repository).
 
 A mirror-tiled specimen is periodic (period ``2 * (side - 1)`` pixels), and
@@ -48,7 +48,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cemi_stream.preprocess import detect_crop
+from cemi_stream.capture.crop import detect_crop
 from drivers.base import to_gray8
 from drivers.sim import SimConfig, plan_traversal, write_simulation
 from drivers.sim.specimen import read_image

@@ -381,7 +381,7 @@ def _tick(bar: Any, done: int, total: int) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """``extract``: keyframes to an image folder."""
-    from .extract import run_extract
+    from .capture.extract import run_extract
 
     config = _config(args)
     _setup_logging(args, config)
@@ -403,7 +403,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     """``capture``: the capture process."""
-    from .capture import run_capture
+    from .capture.stage import run_capture
 
     extra: dict[str, Any] = {}
     if args.no_pipes:
@@ -559,7 +559,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def cmd_tap(args: argparse.Namespace) -> int:
     """``tap``: consume a pipe and report."""
-    from .tap import tap
+    from .bus.tap import tap
 
     config = _config(args)
     _setup_logging(args, config)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from .capture.crop import parse_crop
+from .capture.levels import parse_levels
 from .errors import ConfigError
+from .stitch.gridspec import grid_spec
 
 T = TypeVar("T")
 
@@ -133,7 +136,7 @@ class CaptureConfig:
         the whole run: ``auto`` (8-bit untouched; else the file's declared
         significant bits, or the 0.1/99.9 percentiles of the first frames),
         ``full`` (the pixel type's full range: ``uint16`` / 257) or ``LO,HI``
-        in input grey levels (see :mod:`cemi_stream.levels`).
+        in input grey levels (see :mod:`cemi_stream.capture.levels`).
     faults : FaultConfig
         Fault-frame thresholds.
     keyframes : KeyframeConfig
@@ -390,10 +393,6 @@ def _validate(config: Config) -> None:
     if not 1 <= bus.port_base <= 65000:
         raise ConfigError(f"bus.port_base: {bus.port_base} is not a usable port")
     _check_pipes("bus.pipes", bus.pipes)
-    # Imported here: preprocess depends on this module for FaultConfig.
-    from .levels import parse_levels
-    from .preprocess import parse_crop
-
     parse_crop(config.capture.crop)
     parse_levels(config.capture.levels)
     if config.spool.memory_frames < 1:
@@ -403,8 +402,6 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"stitch.min_band_z: {st.min_band_z} is outside 0..1000")
     if st.chunk_px < 64 or st.chunk_px % 64:
         raise ConfigError(f"stitch.chunk_px: {st.chunk_px} must be a multiple of 64")
-    from .stitch.gridspec import grid_spec
-
     grid_spec(st)  # raises ConfigError naming the option
     if st.pixel_size_um is not None and not st.pixel_size_um > 0:
         raise ConfigError(f"stitch.pixel_size_um: {st.pixel_size_um} must be positive")

@@ -23,9 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .capture.spool import SpoolReader
 from .errors import CemiError
 from .replay import run_replay
-from .spool import SpoolReader
 from .stitch.feed import DENOISED_DIR
 
 DEMO_SIM = {

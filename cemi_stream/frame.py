@@ -4,7 +4,7 @@ A frame is a 2-D greyscale image with axes ``(y, x)`` plus :class:`FrameMeta`.
 Sources convert colour to grey but keep the depth they read (``uint8``,
 ``uint16``, ``float32`` ...); the capture front end maps deeper images to
 ``uint8`` with one grey-level window for the whole run
-(:mod:`cemi_stream.levels`), so every stage after it only sees 8-bit frames.
+(:mod:`cemi_stream.capture.levels`), so every stage after it only sees 8-bit frames.
 
 A source that cannot decode one frame (a truncated image in a folder, an
 unreadable TIFF page) still hands out a frame for it: a *fault frame*, with an

@@ -30,10 +30,10 @@ import zarr
 import zmq
 
 from . import __version__
+from .capture.spool import SPOOL_DIR, TABLE_NAME
 from .config import DENOISE_BACKENDS, load_config
 from .errors import CemiError, ConfigError, DenoiseError
 from .progress import Progress
-from .spool import SPOOL_DIR, TABLE_NAME
 from .stitch.feed import DENOISED_DIR
 
 RUN_SUMMARY = "run.json"

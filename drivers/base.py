@@ -6,7 +6,7 @@ objects holding 2-D greyscale images ``(y, x)`` in the depth they decoded
 (``uint8``, ``uint16``, ``float32`` ...): :func:`to_gray` is the one place where
 colour becomes grey.  Mapping deeper images to 8 bits needs one window for the
 whole run, which only the capture front end can choose
-(:mod:`cemi_stream.levels`); :func:`to_gray8` is the fixed full-range mapping
+(:mod:`cemi_stream.capture.levels`); :func:`to_gray8` is the fixed full-range mapping
 for callers that want 8 bits straight away.
 """
 
@@ -175,7 +175,7 @@ def to_gray8(
         changes from frame to frame (per-frame stretching would make the
         brightness of overlapping frames disagree); floats are taken as 0..1.
         (The capture chooses a better window for narrow-range data:
-        :mod:`cemi_stream.levels`.)
+        :mod:`cemi_stream.capture.levels`.)
 
     Returns
     -------

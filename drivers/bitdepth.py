@@ -9,7 +9,7 @@ files.  Some files say so:
 
 A file that declares only its container's size (16 bits) says nothing useful:
 these functions return None then, and the capture estimates a window from
-the data instead (:mod:`cemi_stream.levels`).
+the data instead (:mod:`cemi_stream.capture.levels`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..capture.crop import detect_crop
 from ..errors import CemiError, ConfigError, DenoiseError
-from ..preprocess import detect_crop
 from ..progress import Progress
 from .backends import BACKENDS, Backend, BackendOptions, create_backend, resolve_backend_name
 from .tiling import TileBlender, TileBox, pad_to_multiple, tile_boxes
@@ -393,7 +393,7 @@ def denoise_files(
     """Denoise an image or a folder of images into ``out_dir`` (the ``denoise`` command).
 
     Each output has the input's file name, size and format, 8-bit grey.  A
-    data bar and UI border found by :func:`cemi_stream.preprocess.detect_crop`
+    data bar and UI border found by :func:`cemi_stream.capture.crop.detect_crop`
     are copied through untouched; only the image area is denoised and pasted
     back.  Processing stops at the first file that cannot be read or written
     (:class:`DenoiseError` naming it); outputs written before it are kept.

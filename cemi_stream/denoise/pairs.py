@@ -21,8 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..capture.crop import CropRect, detect_crop
 from ..errors import ConfigError, DenoiseError, SourceError
-from ..preprocess import CropRect, detect_crop
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ def align_pair(
     Notes
     -----
     The data bar and borders are found with
-    :func:`cemi_stream.preprocess.detect_crop` on the HD image (reliable on
+    :func:`cemi_stream.capture.crop.detect_crop` on the HD image (reliable on
     clean scans) and on the LD image; the intersection of both areas is used.
     The shift comes from :func:`estimate_shift`.  The crop to the common area
     uses the shift rounded to whole pixels; without ``subpixel`` the remaining

@@ -39,13 +39,13 @@ import numpy as np
 import zmq
 
 from .. import __version__
-from ..bus import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
-from ..capture import new_run_id
+from ..bus.transport import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
+from ..capture.spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
+from ..capture.stage import new_run_id
 from ..config import BusConfig, Config, to_dict
 from ..errors import BusError, CemiError, DenoiseError, SpoolError
 from ..frame import Frame
 from ..progress import Progress
-from ..spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
 from ..stitch.feed import DENOISE_SUMMARY, DENOISED_DIR, FrameFeed
 from .infer import Denoiser
 

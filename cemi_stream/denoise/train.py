@@ -54,8 +54,8 @@ from models.discriminator import UNetDiscriminatorSN
 from models.rrdbnet import ARCHS, RRDBNet, arch_dict, build_generator, load_basicsr_state_dict
 from models.weights import ModelCard, load_model, model_hash, save_model
 
+from ..capture.crop import detect_crop
 from ..errors import ConfigError, DenoiseError, ModelError
-from ..preprocess import detect_crop
 from ..progress import Progress
 from .data import NoisyPatches, PairPatches, PatchSampler, SyntheticPatches, check_patch_px
 from .degrade import DegradeConfig

@@ -24,11 +24,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
-from ..bus import FrameReceiver, read_endpoints
+from ..bus.protocol import Kind
+from ..bus.transport import FrameReceiver, read_endpoints
+from ..capture.spool import ARRAY_NAME, SPOOL_DIR, SpoolReader
 from ..errors import BusError
 from ..frame import Frame
-from ..protocol import Kind
-from ..spool import ARRAY_NAME, SPOOL_DIR, SpoolReader
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class SpoolFrames:
     file, which is read directly: ~0.1 ms per 1024 x 768 frame against
     ~0.8 ms through zarr's asynchronous pipeline (2-core dev machine).  Any
     other layout, and a chunk file of unexpected size, goes through
-    :class:`~cemi_stream.spool.SpoolReader`.
+    :class:`~cemi_stream.capture.spool.SpoolReader`.
 
     Parameters
     ----------

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from cemi_stream.capture.levels import full_window
 from cemi_stream.errors import SourceError
 from cemi_stream.frame import CORRUPT, Frame
-from cemi_stream.levels import full_window
 from drivers import open_source, to_gray8
 from drivers.image_folder import ImageFolderSource, VideoFolderSource, natural_key
 from drivers.metadata import TAG_FEI_HELIOS
@@ -92,7 +92,7 @@ def test_16bit_png_keeps_its_depth_and_full_window_divides_by_257(tmp_path: Path
     source = opened(tmp_path)
     assert source.info.significant_bits is None  # no sBIT chunk
     (frame,) = read_all(source)
-    # The capture chooses the 8-bit window for the whole run (cemi_stream.levels).
+    # The capture chooses the 8-bit window for the whole run (cemi_stream.capture.levels).
     assert frame.image.dtype == np.uint16
     np.testing.assert_array_equal(frame.image, image)
     gray8 = full_window(frame.image.dtype).apply(frame.image)

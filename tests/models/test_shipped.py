@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cemi_stream.capture.crop import detect_crop
 from cemi_stream.denoise.infer import Denoiser
 from cemi_stream.denoise.metrics import psnr
 from cemi_stream.denoise.pairs import load_gray
-from cemi_stream.preprocess import detect_crop
 from models.rrdbnet import ARCHS
 from models.weights import load_model
 from models.zoo import DEFAULT_MODEL, resolve_model

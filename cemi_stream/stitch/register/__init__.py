@@ -22,7 +22,7 @@ as ~5 %), how far apart are they, and can the answer be trusted?
 estimator.  Accuracy and speed: ``bench/bench_register.py``; the acceptance
 ROC: ``bench/bench_accept.py``.
 
-Convention (as in :mod:`cemi_stream.keyframes`): ``(dx, dy)`` is the top-left
+Convention (as in :mod:`cemi_stream.capture.keyframes`): ``(dx, dy)`` is the top-left
 corner of ``mov`` minus that of ``ref`` in shared (mosaic) pixels, so
 ``mov[y, x]`` shows what ``ref[y + dy, x + dx]`` shows; images are ``(y, x)``.
 """

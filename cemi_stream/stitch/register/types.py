@@ -1,6 +1,6 @@
 """The registration contracts: its configuration, its answer, a prepared frame.
 
-Convention (as in :mod:`cemi_stream.keyframes`): ``(dx, dy)`` is the top-left
+Convention (as in :mod:`cemi_stream.capture.keyframes`): ``(dx, dy)`` is the top-left
 corner of ``mov`` minus that of ``ref`` in shared (mosaic) pixels, so
 ``mov[y, x]`` shows what ``ref[y + dy, x + dx]`` shows; images are ``(y, x)``.
 """

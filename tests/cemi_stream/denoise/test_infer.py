@@ -11,10 +11,10 @@ import pytest
 import tifffile
 import torch
 
+from cemi_stream.capture.crop import detect_crop
 from cemi_stream.denoise.infer import Denoiser, denoise_files, list_images, write_image
 from cemi_stream.denoise.tiling import tile_boxes
 from cemi_stream.errors import ConfigError, DenoiseError, ModelError
-from cemi_stream.preprocess import detect_crop
 from models.rrdbnet import build_generator
 from models.weights import ModelCard, save_model
 

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cemi_stream.capture.crop import detect_crop
 from cemi_stream.denoise.pairs import (
     AlignedPair,
     align_pair,
@@ -19,7 +20,6 @@ from cemi_stream.denoise.pairs import (
     select_ids,
 )
 from cemi_stream.errors import ConfigError, DenoiseError, SourceError
-from cemi_stream.preprocess import detect_crop
 
 KRISS_SETS = {
     "time": ("time/low", "time/high"),

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cemi_stream.capture import run_capture
+from cemi_stream.bus.protocol import Message
+from cemi_stream.bus.tap import tap
+from cemi_stream.capture.spool import SPOOL_DIR, TABLE_NAME, SpoolReader
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import DENOISE_BACKENDS, DenoiseConfig, load_config
 from cemi_stream.denoise.infer import BACKENDS, Denoiser
 from cemi_stream.denoise.stage import DENOISED_DIR, DenoiseSummary, run_denoise_stage
 from cemi_stream.errors import ConfigError
-from cemi_stream.protocol import Message
-from cemi_stream.spool import SPOOL_DIR, TABLE_NAME, SpoolReader
-from cemi_stream.tap import tap
 from drivers.sim import SimConfig, write_simulation
 
 REPO = Path(__file__).resolve().parents[3]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cemi_stream.capture.crop import detect_crop
 from cemi_stream.denoise.data import NoisyPatches, PairPatches
 from cemi_stream.denoise.losses import random_extractor
 from cemi_stream.denoise.pairs import AlignedPair, load_aligned_pairs, load_gray
@@ -26,7 +27,6 @@ from cemi_stream.denoise.train import (
     train,
 )
 from cemi_stream.errors import ConfigError, DenoiseError
-from cemi_stream.preprocess import detect_crop
 from models.rrdbnet import build_generator
 from models.weights import load_model, model_hash
 

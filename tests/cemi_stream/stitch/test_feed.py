@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import zmq
 
-from cemi_stream.bus import FrameLog, PipeSender, make_endpoints, write_endpoints
+from cemi_stream.bus.transport import FrameLog, PipeSender, make_endpoints, write_endpoints
+from cemi_stream.capture.spool import FrameSpool, SpoolReader
 from cemi_stream.config import BusConfig, SpoolConfig
 from cemi_stream.errors import SpoolError
 from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.spool import FrameSpool, SpoolReader
 from cemi_stream.stitch.feed import (
     FrameFeed,
     SpoolFrames,

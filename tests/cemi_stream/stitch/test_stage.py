@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cemi_stream.capture import run_capture
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import load_config
 from drivers.sim import SimConfig, write_simulation
 

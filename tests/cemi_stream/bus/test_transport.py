@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from cemi_stream.bus import (
+from cemi_stream.bus.protocol import Kind, encode_control, encode_frame
+from cemi_stream.bus.transport import (
     BusEndpoints,
     FrameLog,
     FrameReceiver,
@@ -24,7 +25,6 @@ from cemi_stream.bus import (
 from cemi_stream.config import BusConfig
 from cemi_stream.errors import BusError
 from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.protocol import Kind, encode_control, encode_frame
 
 
 def _frame(i: int, shape: tuple[int, int] = (32, 48)) -> Frame:

@@ -42,8 +42,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError
-from .frame import Frame, FrameMeta, utc_now_ns
+from ..errors import ProtocolError
+from ..frame import Frame, FrameMeta, utc_now_ns
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024

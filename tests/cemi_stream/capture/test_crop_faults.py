@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from cemi_stream.config import FaultConfig
-from cemi_stream.errors import ConfigError, SourceError
-from cemi_stream.preprocess import (
+from cemi_stream.capture.crop import (
     CropDetection,
     CropRect,
-    FaultDetector,
     detect_crop,
     parse_crop,
 )
+from cemi_stream.capture.faults import FaultDetector
+from cemi_stream.config import FaultConfig
+from cemi_stream.errors import ConfigError, SourceError
 from drivers.base import to_gray8
 
 KRISS_BAR_ROWS = 29

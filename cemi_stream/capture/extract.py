@@ -17,11 +17,11 @@ import cv2
 
 import drivers
 
-from .config import CaptureConfig
-from .errors import CemiError, SourceError
+from ..config import CaptureConfig
+from ..errors import CemiError, SourceError
+from ..progress import Progress
 from .frontend import FrontEnd
 from .keyframes import Decision, format_decision
-from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ KEYFRAMES_HEADER = "src_index,kept,reason,dx_px,dy_px\n"
 
 @dataclass(slots=True)
 class ExtractSummary:
-    """Counts of an extraction, and the grey-level window used (:mod:`cemi_stream.levels`)."""
+    """Counts of an extraction, and the grey-level window (:mod:`cemi_stream.capture.levels`)."""
 
     frames_in: int = 0
     kept: int = 0

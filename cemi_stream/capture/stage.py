@@ -1,7 +1,7 @@
 """The capture process: source -> front end -> spool -> bus.
 
 One thread reads the source, preprocesses each frame, appends every kept
-frame to the spool and only then hands it to the :class:`~cemi_stream.bus.FrameLog`.
+frame to the spool and only then hands it to the :class:`~cemi_stream.bus.transport.FrameLog`.
 Each pipe (and the monitor stream) is served by its own sender thread, so a
 slow or absent consumer never stalls the capture: frames it has not taken
 yet wait in RAM (a bounded number) or in the spool.
@@ -26,13 +26,13 @@ import zmq
 
 import drivers
 
-from . import __version__
-from .bus import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
-from .config import Config, to_dict
-from .errors import BusError, CemiError, SourceError, SpoolError
+from .. import __version__
+from ..bus.transport import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
+from ..config import Config, to_dict
+from ..errors import BusError, CemiError, SourceError, SpoolError
+from ..progress import Progress
 from .frontend import FrontEnd
 from .keyframes import Decision, format_decision
-from .progress import Progress
 from .spool import SPOOL_DIR, FrameSpool, SpoolFallback
 
 log = logging.getLogger(__name__)

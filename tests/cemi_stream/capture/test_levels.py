@@ -1,13 +1,13 @@
-"""The run-wide grey-level window (``cemi_stream.levels``) on real arrays and frames."""
+"""The run-wide grey-level window (``cemi_stream.capture.levels``) on real arrays and frames."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from cemi_stream.capture.levels import LevelsGate, LevelsSpec, parse_levels, rejected_all_message
 from cemi_stream.errors import ConfigError
 from cemi_stream.frame import CORRUPT, Frame, FrameMeta, fault_frame
-from cemi_stream.levels import LevelsGate, LevelsSpec, parse_levels, rejected_all_message
 
 RNG = np.random.default_rng(5)
 

@@ -37,9 +37,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .config import SpoolConfig
-from .errors import SpoolError
-from .frame import Frame, FrameMeta
+from ..config import SpoolConfig
+from ..errors import SpoolError
+from ..frame import Frame, FrameMeta
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .config import KeyframeConfig
-from .frame import Frame
+from ..config import KeyframeConfig
+from ..frame import Frame
 
 # Reasons written to keyframes.csv.
 FIRST = "first"

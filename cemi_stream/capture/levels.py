@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ConfigError
-from .frame import Frame
+from ..errors import ConfigError
+from ..frame import Frame
 
 log = logging.getLogger(__name__)
 

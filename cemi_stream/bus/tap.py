@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bus import MONITOR, FrameReceiver, read_endpoints
-from .errors import BusError
+from ..errors import BusError
 from .protocol import Kind, Message
+from .transport import MONITOR, FrameReceiver, read_endpoints
 
 log = logging.getLogger(__name__)
 

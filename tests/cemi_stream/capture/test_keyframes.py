@@ -7,13 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from cemi_stream.config import KeyframeConfig
-from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.keyframes import (
+from cemi_stream.capture.keyframes import (
     KeyframeSelector,
     PhaseCorrelator,
     overlap_fraction,
 )
+from cemi_stream.config import KeyframeConfig
+from cemi_stream.frame import Frame, FrameMeta
 from drivers.sim import SimConfig, SimSource
 
 W, H = 512, 384

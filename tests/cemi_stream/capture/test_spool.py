@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cemi_stream.capture.spool import SPOOL_DIR, TABLE_NAME, FrameSpool, SpoolReader
 from cemi_stream.config import SpoolConfig
 from cemi_stream.errors import SpoolError
 from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.spool import SPOOL_DIR, TABLE_NAME, FrameSpool, SpoolReader
 
 
 def _frames(n: int, shape: tuple[int, int] = (24, 32)) -> list[Frame]:
@@ -91,7 +91,7 @@ def test_kill_9_keeps_every_committed_frame(tmp_path: Path) -> None:
         from pathlib import Path
         from cemi_stream.config import SpoolConfig
         from cemi_stream.frame import Frame, FrameMeta
-        from cemi_stream.spool import FrameSpool
+        from cemi_stream.capture.spool import FrameSpool
         config = SpoolConfig(fsync_interval_s=60)
         spool = FrameSpool.create(Path({str(tmp_path)!r}), (24, 32), config)
         for i in range(40):

@@ -16,14 +16,14 @@ import cv2
 import numpy as np
 import pytest
 
-from cemi_stream.capture import run_capture
+from cemi_stream.bus.protocol import Message
+from cemi_stream.bus.tap import tap
+from cemi_stream.capture.spool import SpoolReader
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import load_config
 from cemi_stream.errors import SpoolError
-from cemi_stream.protocol import Message
-from cemi_stream.spool import SpoolReader
-from cemi_stream.tap import tap
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SIM_VIDEO = "sim:?video=1&rows=2&frames_per_row=5&frame_size=512x384&noise=ld&seed=4&databar=1"
 
 

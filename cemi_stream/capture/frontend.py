@@ -1,7 +1,7 @@
 """Per-frame preprocessing shared by ``extract`` and ``capture``.
 
 Order: grey levels (16-bit and float input mapped to 8 bits with one window
-for the run, :mod:`cemi_stream.levels`) -> crop (data bar and UI borders,
+for the run, :mod:`cemi_stream.capture.levels`) -> crop (data bar and UI borders,
 decided once on the first usable frame) -> fault check (corrupt, blank,
 saturated, frozen, changed size) -> keyframe selection.  Every input frame
 gets exactly one :class:`Decision`, in input order; a frame the source could
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import CaptureConfig
-from .frame import Frame
+from ..config import CaptureConfig
+from ..frame import Frame
+from .crop import CropRect, detect_crop, parse_crop
+from .faults import FaultDetector
 from .keyframes import Decision, KeyframeSelector
 from .levels import LevelsGate, rejected_all_message
-from .preprocess import CropRect, FaultDetector, detect_crop, parse_crop
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from cemi_stream.capture import run_capture
+from cemi_stream.capture.spool import SpoolReader
+from cemi_stream.capture.stage import run_capture
 from cemi_stream.config import load_config
 from cemi_stream.errors import SourceError
-from cemi_stream.spool import SpoolReader
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TILE_H, TILE_W = 96, 128
 GRID = 5  # 5 x 5 = 25 tiles
 

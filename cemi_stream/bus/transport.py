@@ -37,9 +37,9 @@ from typing import Any, Literal
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .config import DEFAULT_HWM, DEFAULT_MAX_FRAME_BYTES, BusConfig
-from .errors import BusError, ProtocolError
-from .frame import Frame
+from ..config import DEFAULT_HWM, DEFAULT_MAX_FRAME_BYTES, BusConfig
+from ..errors import BusError, ProtocolError
+from ..frame import Frame
 from .protocol import Kind, Message, decode, encode_control, encode_frame
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from cemi_stream.errors import ProtocolError
-from cemi_stream.frame import Frame, FrameMeta
-from cemi_stream.protocol import (
+from cemi_stream.bus.protocol import (
     PROTOCOL_VERSION,
     Kind,
     decode,
     encode_control,
     encode_frame,
 )
+from cemi_stream.errors import ProtocolError
+from cemi_stream.frame import Frame, FrameMeta
 
 LIMIT = 16 * 1024 * 1024
 
