@@ -177,7 +177,7 @@ class PathTracker:
         if placement is None:
             # No match with the predecessor: a row change, or a failed registration.
             found = self._find_row_start(cur, self._stage.get(seq))
-            if found is not None or header_new_row:
+            if found is not None or header_new_row or self._row_due():
                 placement = self._new_row(seq, src_index, found, row_label)
             else:
                 placement = self._reanchor(seq, src_index, prev, cur)
@@ -279,6 +279,19 @@ class PathTracker:
                     PLACED, [c, self._motion(prev, seq, _divide((shift.dx, shift.dy), k))],
                 )  # fmt: skip
         return None
+
+    def _row_due(self) -> bool:
+        """Whether the current row has as many frames as the one before it.
+
+        A frame that then matches neither its predecessor nor a row end is far
+        more likely the next row's first frame (its overlap with the row
+        above featureless or too noisy) than one more frame along this row:
+        placing it by the row step, not by the motion along the row, keeps a
+        missed row change from shifting a whole row by a row's length.
+        """
+        if len(self.rows) < 2 or self._row_step is None:
+            return False
+        return len(self.rows[-1].seqs) >= len(self.rows[-2].seqs)
 
     def _unmatched(self, seq: int, src: int, prev: int, why: str) -> Placement:
         """A frame that registered against nothing: placed by a motion model, or held."""

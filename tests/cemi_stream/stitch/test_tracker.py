@@ -181,3 +181,33 @@ def test_final_statuses_name_islands() -> None:
     assert final[0] == final[1] == ("placed", "")
     assert final[2] == ("predicted", "motion: noise")
     assert final[3][0] == "predicted" and final[3][1].startswith("island")
+
+
+def test_missed_row_change_at_the_row_length_is_placed_by_the_row_step() -> None:
+    """A frame at the length of the previous row that matches neither its predecessor nor a
+    row end starts the next row (placed by the last row step), not one more frame along the
+    row: predicted along the row it would put the whole next row a row's length off."""
+    config = SimConfig(
+        rows=3, frames_per_row=5, frame_width=512, frame_height=384, overlap=0.4, noise="ld",
+        seed=11, report_stage=False,
+    )  # fmt: skip
+    frames, source = _frames(config)
+    tracker = PathTracker(Registrar(RegisterConfig()), frames[0].shape)
+    rng = np.random.default_rng(0)
+    out = []
+    for seq, f in enumerate(frames):
+        image = f.image
+        if seq == 10:  # the first frame of row 2: pure noise, registers against nothing
+            image = rng.integers(60, 200, size=image.shape).astype(np.uint8)
+        out.append(tracker.add(seq, f.meta.src_index, image, None))
+    assert out[10].row == 2 and out[10].status == "predicted"
+    assert out[10].reason.startswith("row_step"), out[10].reason
+    # Within a stage jitter of the truth, not a row's length off.
+    truth = source.truth
+    est = (out[10].x - out[5].x, out[10].y - out[5].y)
+    true = (truth[10].x_px - truth[5].x_px, truth[10].y_px - truth[5].y_px)
+    assert np.hypot(est[0] - true[0], est[1] - true[1]) < 40
+    # The rest of row 2 is on its own row, placed (tied by row links), and where it belongs.
+    assert [p.row for p in out[11:]] == [2] * 4
+    err = _solved_errors(out, source)
+    assert float(err[11:].max()) < 2.0, err
