@@ -139,6 +139,10 @@ class PathTracker:
         self._steps: deque[tuple[float, float]] = deque(maxlen=5)
         self._stage: dict[int, tuple[float, float]] = {}
         self._seed_velocity: tuple[float, float] | None = None
+        self._velocity_of: tuple[tuple[tuple[float, float], ...], tuple[float, float]] = (
+            (),
+            (0.0, 0.0),
+        )
         self._row_step: tuple[float, float] | None = None
         self._ties = _Ties()
         self._held: list[int] = []  # predicted with no motion prior yet, oldest first
@@ -227,8 +231,15 @@ class PathTracker:
         """Median displacement per frame along the current row, pixels."""
         if not self._steps:
             return None
-        steps = np.array(self._steps)
-        return float(np.median(steps[:, 0])), float(np.median(steps[:, 1]))
+        key = tuple(self._steps)
+        if self._velocity_of[0] != key:
+            # Asked several times per frame: the median of 5 steps is cached.
+            steps = np.array(self._steps)
+            self._velocity_of = (
+                key,
+                (float(np.median(steps[:, 0])), float(np.median(steps[:, 1]))),
+            )
+        return self._velocity_of[1]
 
     # -- internals ---------------------------------------------------------
 

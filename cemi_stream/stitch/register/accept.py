@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .spectral import ncc, window_size
+from .spectral import ncc_with_spread, window_size
 from .types import Prepared, RegisterConfig
 
 _BAND_LOW = 1.0  # full-resolution px: finer detail is mostly pixel noise
@@ -133,8 +133,10 @@ def band_image(image: np.ndarray, small: np.ndarray | None = None, factor: int =
         wide = cv2.GaussianBlur(small, (0, 0), _BAND_HIGH / factor)
         if factor == 4:
             wide = cv2.resize(wide, (hw, hh), interpolation=cv2.INTER_LINEAR)
-        # ``small`` is zero-mean: the mean comes back with the fine part.
-        fine -= wide[:hh, :hw] + float(half.mean())
+        # ``small`` is zero-mean, so the result keeps the frame's mean: harmless,
+        # the band image is only compared by zero-mean NCC (subtracting the
+        # scalar too cost 15x the subtraction itself).
+        fine -= wide[:hh, :hw]
         return fine
     fine -= cv2.GaussianBlur(half, (0, 0), _BAND_HIGH / 2)
     return fine
@@ -174,14 +176,12 @@ def agreement(
     cy = y0 + (y1 - y0 - ch) // 2
     pa = a[cy : cy + ch, cx : cx + cw]
     pb = b[cy - dy : cy - dy + ch, cx - dx : cx - dx + cw]
-    sa = float(cv2.meanStdDev(pa)[1][0, 0])
-    sb = float(cv2.meanStdDev(pb)[1][0, 0])
-    signal = rel = plain = 0.0
+    plain, sa, sb = ncc_with_spread(pa, pb)
+    signal = rel = 0.0
     if sa > 1e-3 and sb > 1e-3:
         ra = max(1.0 - ref.noise / (sa * sa), _MIN_RELIABILITY)
         rb = max(1.0 - mov.noise / (sb * sb), _MIN_RELIABILITY)
         rel = math.sqrt(ra * rb)
-        plain = ncc(pa, pb, 0, 0)
         signal = plain / rel
     band_z = 0.0
     if band and ref.band is not None and mov.band is not None:
@@ -195,7 +195,7 @@ def agreement(
             cy = y0 + (y1 - y0 - ch) // 2
             qa = ref.band[cy : cy + ch, cx : cx + cw]
             qb = mov.band[cy - hy : cy - hy + ch, cx - hx : cx - hx + cw]
-            band_z = ncc(qa, qb, 0, 0) * math.sqrt(qa.size)
+            band_z = ncc_with_spread(qa, qb)[0] * math.sqrt(qa.size)
     return Agreement(float(signal), float(band_z), float(rel), float(plain))
 
 

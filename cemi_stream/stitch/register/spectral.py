@@ -9,6 +9,7 @@ frequencies in cycles per pixel unless named angular.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 
@@ -214,6 +215,22 @@ def gauss_offset(surface: np.ndarray, py: int, px: int) -> tuple[float, float]:
     return oy, ox
 
 
+def ncc_with_spread(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Zero-mean NCC of same-shape ``a`` and ``b``, with their standard deviations.
+
+    Returns ``(ncc, std_a, std_b)``; the NCC is 0 when either is flat.  One
+    pass of three OpenCV reductions, the images never copied.
+    """
+    ma, sa = (float(v[0, 0]) for v in cv2.meanStdDev(a))
+    mb, sb = (float(v[0, 0]) for v in cv2.meanStdDev(b))
+    if sa < 1e-3 or sb < 1e-3:
+        return 0.0, sa, sb
+    # mean(a b) = (mean(a^2) + mean(b^2) - mean((a - b)^2)) / 2
+    squares = sa * sa + ma * ma + sb * sb + mb * mb
+    mean_ab = 0.5 * (squares - cv2.norm(a, b, cv2.NORM_L2SQR) / a.size)
+    return min(max((mean_ab - ma * mb) / (sa * sb), -1.0), 1.0), sa, sb
+
+
 def ncc(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
     """Zero-mean NCC of ``a`` and ``b`` on their overlap when ``b`` sits at ``(dx, dy)`` in ``a``.
 
@@ -229,15 +246,7 @@ def ncc(a: np.ndarray, b: np.ndarray, dx: int, dy: int) -> float:
         return 0.0
     pa = a[y0:y1, x0:x1]
     pb = b[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-    ma, sa = (float(v[0, 0]) for v in cv2.meanStdDev(pa))
-    mb, sb = (float(v[0, 0]) for v in cv2.meanStdDev(pb))
-    if sa < 1e-3 or sb < 1e-3:
-        return 0.0
-    # mean(a b) = (mean(a^2) + mean(b^2) - mean((a - b)^2)) / 2
-    mean_ab = 0.5 * (
-        sa * sa + ma * ma + sb * sb + mb * mb - cv2.norm(pa, pb, cv2.NORM_L2SQR) / pa.size
-    )
-    return float(np.clip((mean_ab - ma * mb) / (sa * sb), -1.0, 1.0))
+    return ncc_with_spread(pa, pb)[0]
 
 
 def overlap(dx: float, dy: float, shape_a: tuple[int, int], shape_b: tuple[int, int]) -> float:
@@ -273,5 +282,5 @@ def fft_size_at_most(n: int) -> int:
     """Largest even 5-smooth size <= ``n`` (a fast DFT size), or ``n`` below 16."""
     if n < MIN_WINDOW:
         return n
-    i = int(np.searchsorted(_SMOOTH_SIZES, n, side="right"))
-    return _SMOOTH_SIZES[i - 1]
+    # bisect on the list: np.searchsorted converts it to an array on every call.
+    return _SMOOTH_SIZES[bisect.bisect_right(_SMOOTH_SIZES, n) - 1]
