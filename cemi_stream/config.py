@@ -60,6 +60,9 @@ class BusConfig:
     drain_timeout_s : float
         At end of stream, how long to wait for a consumer that never
         connected before giving up (the spool still holds every frame).
+    curve_dir : str or None
+        Key folder (:mod:`cemi_stream.bus.auth`): tcp sockets bind as CURVE
+        servers admitting only its clients; required for a non-loopback host.
     """
 
     transport: Literal["ipc", "tcp"] = "ipc"
@@ -72,6 +75,7 @@ class BusConfig:
     pipes: list[str] = field(default_factory=lambda: ["stitch"])
     monitor: bool = True
     drain_timeout_s: float = 30.0
+    curve_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +248,13 @@ class DenoiseConfig:
     pipes : list of str
         Durable pipes of the stage's own bus (``RUN_DIR/denoised/bus.json``),
         which carries the denoised frames downstream.
+    workers : int
+        Local denoise worker processes: 1 denoises in the stage's own process;
+        more spread each batch over that many worker processes
+        (:mod:`cemi_stream.denoise.workers`; make ``batch`` a multiple of it).
+    listen : str or None
+        ``tcp://HOST:PORT`` where remote denoise workers connect (CURVE with
+        ``bus.curve_dir``, required off loopback); None: local workers only.
     """
 
     backend: DenoiseBackend = "auto"
@@ -252,6 +263,8 @@ class DenoiseConfig:
     batch_wait_s: float = 0.05
     tile_px: int = 0
     pipes: list[str] = field(default_factory=lambda: ["stitch"])
+    workers: int = 1
+    listen: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +430,10 @@ def _validate(config: Config) -> None:
     if dn.model is not None and not dn.model.strip():
         raise ConfigError("denoise.model: empty model name")
     _check_pipes("denoise.pipes", dn.pipes)
+    if not 1 <= dn.workers <= 64:
+        raise ConfigError(f"denoise.workers: {dn.workers} is outside 1..64")
+    if dn.listen is not None and not dn.listen.startswith("tcp://"):
+        raise ConfigError(f"denoise.listen: {dn.listen!r} is not a tcp:// endpoint")
 
 
 def _check_pipes(key: str, pipes: list[str]) -> None:

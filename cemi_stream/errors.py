@@ -38,3 +38,15 @@ class ModelError(CemiError):
 
 class DenoiseError(CemiError):
     """Denoising, training or evaluation could not run (bad input, missing backend)."""
+
+
+class RunNotFoundError(CemiError):
+    """No run with the given id is known to the daemon."""
+
+
+class RunStateError(CemiError):
+    """A run cannot make the requested transition (e.g. resume of a running run)."""
+
+
+class DaemonError(CemiError):
+    """The daemon cannot be reached, cannot start, or refused a request (its one-line error)."""

@@ -10,20 +10,21 @@ denoise process is started first and the others only once it has loaded its
 model and bound its bus, so a model or backend that cannot run fails before
 anything is captured.  This process only starts them, shows progress, and
 writes ``run.json``.
+
+It is a client of the daemon's own process code: the stage command lines come
+from :mod:`cemi_stream.daemon.stages` and the processes are started, watched
+and stopped by one :class:`~cemi_stream.daemon.supervisor.Run` driven in the
+foreground (without restarts: a stage that fails fails the replay), so every
+stage stops when this process dies, even by ``kill -9``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import platform
-import subprocess
-import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,17 +32,17 @@ import zmq
 
 from . import __version__
 from .capture.spool import SPOOL_DIR, TABLE_NAME
-from .config import DENOISE_BACKENDS, load_config
-from .errors import CemiError, ConfigError, DenoiseError
+from .daemon.options import RunOptions
+from .daemon.stages import DENOISE, check_denoise
+from .daemon.supervisor import Run, new_run_id
+from .errors import CemiError, ConfigError
 from .progress import Progress
 from .stitch.feed import DENOISED_DIR
 
+__all__ = ["DENOISE_SUMMARY", "RUN_SUMMARY", "check_denoise", "run_replay"]
+
 RUN_SUMMARY = "run.json"
 DENOISE_SUMMARY = "denoise.json"
-# Longest wait for the denoise process to load its model and bind its bus, seconds.
-DENOISE_READY_S = 300.0
-# After a process failed, the others get this long to stop on SIGTERM before SIGKILL.
-TERMINATE_GRACE_S = 10.0
 
 
 def _count_lines(path: Path) -> int:
@@ -52,51 +53,22 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def check_denoise(denoise: str, model: str | None, config_file: str | None) -> Path | None:
-    """Validate ``--denoise`` and ``--model`` without starting anything.
-
-    Parameters
-    ----------
-    denoise : str
-        ``off`` or a backend name (:data:`~cemi_stream.config.DENOISE_BACKENDS`).
-    model : str or None
-        Model name or path; None takes ``denoise.model`` of the configuration
-        (None there too: the default model).
-    config_file : str or None
-        TOML configuration file.
-
-    Returns
-    -------
-    Path or None
-        The model's weights file, or None when denoising is off.
-
-    Raises
-    ------
-    ConfigError
-        Unknown backend, or ``--model`` without denoising.
-    ModelError
-        No such model.
-    DenoiseError
-        A backend whose runtime is not installed.
-    """
-    if denoise not in ("off", *DENOISE_BACKENDS):
-        raise ConfigError(
-            f"--denoise {denoise}: unknown (choose from off, {', '.join(DENOISE_BACKENDS)})"
-        )
-    if denoise == "off":
-        if model is not None:
-            raise ConfigError(f"--model {model}: only used with --denoise (it is off)")
-        return None
-    from models.zoo import resolve_model
-
-    name = model if model is not None else load_config(config_file).denoise.model
-    path = resolve_model(name).resolve()
-    # Cheap checks only (no torch import here); the denoise process checks the rest
-    # (CUDA device, model contents) before the capture starts.
-    needs = {"onnx": "onnxruntime", "tensorrt": "torch_tensorrt"}.get(denoise)
-    if needs and importlib.util.find_spec(needs) is None:
-        raise DenoiseError(f"--denoise {denoise}: {needs} is not installed")
-    return path
+def _grid_options(stitch_args: list[str]) -> dict[str, Any]:
+    """``--grid``, ``--order``, ``--overlap``, ``--serpentine`` as RunOptions fields."""
+    out: dict[str, Any] = {}
+    names = {"--grid": "grid", "--order": "order", "--overlap": "overlap"}
+    it = iter(stitch_args)
+    for arg in it:
+        if arg == "--serpentine":
+            out["serpentine"] = True
+        elif arg in names:
+            value = next(it, None)
+            if value is None:
+                raise ConfigError(f"{arg}: a value is required")
+            out[names[arg]] = value
+        else:
+            raise ConfigError(f"{arg}: not a stitch option replay passes on")
+    return out
 
 
 def run_replay(
@@ -153,6 +125,13 @@ def run_replay(
     """
     run_dir = Path(run_dir)
     model_path = check_denoise(denoise, model, config_file)
+    options = RunOptions(
+        source=source, pace="max", denoise=denoise, model=model,
+        keyframes=keyframes,  # type: ignore[arg-type]
+        levels=levels, pixel_size_um=pixel_size_um,
+        layout=layout,  # type: ignore[arg-type]
+        config_file=config_file, **_grid_options(stitch_args or []),
+    )  # fmt: skip
     denoised = run_dir / DENOISED_DIR
     if (run_dir / SPOOL_DIR).exists() or (denoised / SPOOL_DIR).exists():
         raise CemiError(
@@ -162,148 +141,34 @@ def run_replay(
     run_dir.mkdir(parents=True, exist_ok=True)
     # Left by a denoise process that failed before capturing: not this run's endpoints.
     (denoised / "bus.json").unlink(missing_ok=True)
-    common = ["-q"] + (["--config", config_file] if config_file else [])
-    module = [sys.executable, "-m", "cemi_stream"]
-    capture_cmd = [*module, "capture", source, "--run-dir", str(run_dir), "--pace", "max",
-                   *common]  # fmt: skip
-    if keyframes:
-        capture_cmd += ["--keyframes", keyframes]
-    if levels:
-        capture_cmd += ["--levels", levels]
-    # The stitch process never fails on predicted frames: replay judges the run.
-    stitch_cmd = [*module, "stitch", "--run-dir", str(run_dir), "--allow-predicted", *common,
-                  *(stitch_args or [])]  # fmt: skip
-    if pixel_size_um is not None:
-        stitch_cmd += ["--pixel-size-um", str(pixel_size_um)]
-    if layout:
-        stitch_cmd += ["--layout", layout]
-    commands: dict[str, list[str]] = {}
-    if model_path is not None:
-        commands["denoise"] = [*module, "denoise-stage", "--run-dir", str(run_dir), "--backend",
-                               denoise, "--model", str(model_path), *common]  # fmt: skip
-        capture_cmd += ["--pipe", "denoise"]
-        stitch_cmd += ["--frames-dir", str(denoised)]
-    commands["capture"] = capture_cmd
-    commands["stitch"] = stitch_cmd
+    run = Run(
+        new_run_id(), run_dir.resolve(), options, model_path=model_path,
+        max_restarts=0, heartbeat_timeout_s=None, record=False,
+    )  # fmt: skip
+    bar = Progress("replay", enabled=progress)
     started = time.monotonic()
-    procs, culprit = _run_processes(run_dir, commands, progress)
-    failed = _failure(run_dir, procs, culprit)
-    if failed:
-        raise CemiError(failed)
+    try:
+        run.drive(tick=lambda r: _show_progress(bar, r))
+    finally:
+        bar.close()
+    if run.state != "finished":
+        raise CemiError(run.reason or f"replay ended {run.state}")
     seconds = time.monotonic() - started
     summary = _run_summary(run_dir, source, seconds, denoise=model_path is not None)
     (run_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
-def _run_processes(
-    run_dir: Path, commands: dict[str, list[str]], progress: bool
-) -> tuple[dict[str, subprocess.Popen[bytes]], str | None]:
-    """Start the processes, follow them to their end, and stop the rest when one fails.
-
-    The denoise process (when there is one) is started first; the others once
-    it is ready (``RUN_DIR/denoised/bus.json``) - or not at all if it fails.
-    Each process's stderr goes to ``RUN_DIR/NAME.stderr``.
-
-    Returns
-    -------
-    (dict, str or None)
-        The finished processes by name, and the name of the one that failed
-        first (None when none did).
-    """
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    culprit: str | None = None
-    with contextlib.ExitStack() as files:
-        logs = {
-            name: files.enter_context(open(run_dir / f"{name}.stderr", "w", encoding="utf-8"))
-            for name in commands
-        }
-        try:
-            culprit = _follow(run_dir, commands, procs, logs, progress)
-        finally:
-            # On errors and Ctrl-C: let the processes stop cleanly (the spools and
-            # journal are safe either way), then make sure none is left behind.
-            _stop_all(procs, signal_first=True)
-    return procs, culprit
-
-
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]], signal_first: bool) -> None:
-    """SIGTERM the running processes, wait up to ``TERMINATE_GRACE_S``, then SIGKILL."""
-    running = [p for p in procs.values() if p.poll() is None]
-    if signal_first:
-        for p in running:
-            p.terminate()
-    deadline = time.monotonic() + TERMINATE_GRACE_S
-    for p in running:
-        try:
-            p.wait(max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            p.kill()  # e.g. a stitcher still waiting for frames that will never come
-            p.wait()
-
-
-def _follow(
-    run_dir: Path,
-    commands: dict[str, list[str]],
-    procs: dict[str, subprocess.Popen[bytes]],
-    logs: Mapping[str, TextIO],
-    progress: bool,
-) -> str | None:
-    """Start the processes into ``procs`` and wait for them; returns the first failed one."""
-    culprit: str | None = None
-
-    def start(name: str) -> None:
-        procs[name] = subprocess.Popen(commands[name], stdout=subprocess.DEVNULL, stderr=logs[name])
-
-    if "denoise" in commands:
-        start("denoise")
-        ready = run_dir / DENOISED_DIR / "bus.json"
-        deadline = time.monotonic() + DENOISE_READY_S
-        while not ready.exists() and procs["denoise"].poll() is None:
-            if time.monotonic() > deadline:
-                raise DenoiseError(
-                    f"denoise process not ready after {DENOISE_READY_S:.0f} s "
-                    f"(see {run_dir / 'denoise.stderr'})"
-                )
-            time.sleep(0.1)
-        if procs["denoise"].poll() is not None:
-            return "denoise"  # failed before anything was captured
-    for name in commands:
-        if name not in procs:
-            start(name)
-    bar = Progress("replay", enabled=progress)
-    while any(p.poll() is None for p in procs.values()):
-        time.sleep(0.2)
-        captured = _count_lines(run_dir / "capture.csv")
-        stitched = _count_lines(run_dir / "stitch.journal") + 1
-        extra = f"{captured} frames read"
-        if "denoise" in procs:
-            denoised = _count_lines(run_dir / DENOISED_DIR / SPOOL_DIR / TABLE_NAME)
-            extra += f", {denoised} denoised"
-        bar.update(stitched, extra)
-        culprit = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
-        if culprit is not None:
-            # Nothing more will come through the pipeline: stop the others.
-            _stop_all(procs, signal_first=True)
-    bar.close()
-    return culprit
-
-
-def _failure(
-    run_dir: Path, procs: dict[str, subprocess.Popen[bytes]], culprit: str | None
-) -> str | None:
-    """One line about the process that failed first, or None when all succeeded."""
-    if culprit is None:
-        culprit = next((n for n, p in procs.items() if p.returncode != 0), None)
-        if culprit is None:
-            return None
-    proc = procs[culprit]
-    stderr = run_dir / f"{culprit}.stderr"
-    lines = stderr.read_text(encoding="utf-8").strip().splitlines()
-    code = proc.returncode
-    how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-    last = lines[-1] if lines else f"no error output (see {stderr})"
-    return f"{culprit} process failed ({how}): {last}"
+def _show_progress(bar: Progress, run: Run) -> None:
+    """One progress update: frames stitched, read, denoised."""
+    run_dir = run.run_dir
+    captured = _count_lines(run_dir / "capture.csv")
+    stitched = _count_lines(run_dir / "stitch.journal") + 1
+    extra = f"{captured} frames read"
+    if DENOISE in run.stages:
+        denoised = _count_lines(run_dir / DENOISED_DIR / SPOOL_DIR / TABLE_NAME)
+        extra += f", {denoised} denoised"
+    bar.update(stitched, extra)
 
 
 def _run_summary(run_dir: Path, source: str, seconds: float, denoise: bool) -> dict[str, Any]:

@@ -22,6 +22,7 @@ quiet pipe from a lost frame.  The endpoints of a run are written to
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..config import DEFAULT_HWM, DEFAULT_MAX_FRAME_BYTES, BusConfig
 from ..errors import BusError, ProtocolError
 from ..frame import Frame
+from .auth import HANDSHAKE_FAILURES, CurveAuth, KeyPair, client_socket
 from .protocol import Kind, Message, decode, encode_control, encode_frame
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,27 @@ class BusEndpoints:
         Durable pipe name -> ZeroMQ endpoint (``ipc://...`` or ``tcp://...``).
     monitor : str or None
         Endpoint of the lossy PUB stream, if enabled.
+    server_key : str or None
+        The CURVE server public key (Z85) when the tcp sockets are CURVE
+        servers (``bus.curve_dir``); consumers then connect as CURVE clients.
     """
 
     pipes: dict[str, str]
     monitor: str | None = None
+    server_key: str | None = None
 
     def to_json(self) -> str:
         """Serialise for ``bus.json``."""
-        return json.dumps({"pipes": self.pipes, "monitor": self.monitor}, indent=2)
+        data: dict[str, Any] = {"pipes": self.pipes, "monitor": self.monitor}
+        if self.server_key is not None:
+            data["server_key"] = self.server_key
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> BusEndpoints:
         """Parse the contents of ``bus.json``."""
         data = json.loads(text)
-        return cls(dict(data["pipes"]), data.get("monitor"))
+        return cls(dict(data["pipes"]), data.get("monitor"), data.get("server_key"))
 
 
 def make_endpoints(config: BusConfig, run_dir: Path) -> BusEndpoints:
@@ -88,6 +97,11 @@ def make_endpoints(config: BusConfig, run_dir: Path) -> BusEndpoints:
         too long for a Unix socket name, then to a fresh temporary directory.
     """
     names = list(config.pipes) + ([MONITOR] if config.monitor else [])
+    if config.transport == "tcp" and config.curve_dir is None and not _loopback(config.host):
+        raise BusError(
+            f"bus.host {config.host}: a tcp bus on a non-loopback interface needs CURVE "
+            "authentication (set bus.curve_dir to a key folder)"
+        )
     if config.transport == "tcp":
         urls = {n: f"tcp://{config.host}:{config.port_base + i}" for i, n in enumerate(names)}
     else:
@@ -99,6 +113,13 @@ def make_endpoints(config: BusConfig, run_dir: Path) -> BusEndpoints:
         urls = {n: f"ipc://{sock_dir.resolve()}/{n}.sock" for n in names}
     monitor = urls.pop(MONITOR, None)
     return BusEndpoints(urls, monitor)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def write_endpoints(run_dir: Path, endpoints: BusEndpoints) -> None:
@@ -210,6 +231,7 @@ class SenderStats:
     undelivered: int = 0
     ended: bool = False
     peers: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 class PipeSender(threading.Thread):
@@ -237,6 +259,10 @@ class PipeSender(threading.Thread):
         sockets must not cross threads).
     durable : bool
         PUSH (True) or PUB (False).
+    auth : CurveAuth or None
+        Bind a ``tcp://`` endpoint as a CURVE server admitting only the
+        authenticator's clients (refused handshakes are counted in
+        ``stats.refused``); ignored for ``ipc://``.
     """
 
     def __init__(
@@ -248,8 +274,10 @@ class PipeSender(threading.Thread):
         config: BusConfig,
         context: zmq.Context[Any],
         durable: bool = True,
+        auth: CurveAuth | None = None,
     ) -> None:
         super().__init__(name=f"pipe-{name}", daemon=True)
+        self.auth = auth
         self.pipe = name
         self.endpoint = endpoint
         self.frames = frames
@@ -277,10 +305,15 @@ class PipeSender(threading.Thread):
         """Thread body."""
         sock = self.context.socket(zmq.PUSH if self.durable else zmq.PUB)
         # Peer connect/disconnect events tell when a consumer has gone after the end.
-        self._events = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        for event in HANDSHAKE_FAILURES:
+            events |= event
+        self._events = sock.get_monitor_socket(events)
         try:
             sock.setsockopt(zmq.SNDHWM, self.config.hwm)
             sock.setsockopt(zmq.LINGER, int(self.config.drain_timeout_s * 1000))
+            if self.auth is not None and self.endpoint.startswith("tcp://"):
+                self.auth.server_socket(sock)
             try:
                 sock.bind(self.endpoint)
             except zmq.ZMQError as exc:
@@ -306,6 +339,10 @@ class PipeSender(threading.Thread):
                 self.stats.peers += 1
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.stats.peers = max(self.stats.peers - 1, 0)
+            elif event["event"] in HANDSHAKE_FAILURES:
+                reason = HANDSHAKE_FAILURES[event["event"]]
+                self.stats.refused[reason] += 1
+                log.warning("pipe %s: refused a peer (%s)", self.pipe, reason)
             timeout_ms = 0
 
     def _linger_for_consumers(self) -> None:
@@ -455,6 +492,9 @@ class FrameReceiver:
         Receive high-water mark (messages).
     context : zmq.Context or None
         Context to use; None creates a private one.
+    curve : (KeyPair, bytes) or None
+        This client's key pair and the server's public key, for a CURVE
+        server (see :mod:`cemi_stream.bus.auth`).
     """
 
     def __init__(
@@ -464,6 +504,7 @@ class FrameReceiver:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context[Any] | None = None,
+        curve: tuple[KeyPair, bytes] | None = None,
     ) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
@@ -472,6 +513,8 @@ class FrameReceiver:
         self.socket.setsockopt(zmq.LINGER, 0)
         if mode == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        if curve is not None:
+            client_socket(self.socket, *curve)
         try:
             self.socket.connect(endpoint)
         except zmq.ZMQError as exc:

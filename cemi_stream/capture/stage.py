@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ import zmq
 import drivers
 
 from .. import __version__
+from ..bus.auth import CurveAuth, server_auth
 from ..bus.transport import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
 from ..config import Config, to_dict
+from ..daemon.lifecycle import arm_parent_guard
+from ..daemon.stats import StatsWriter
 from ..errors import BusError, CemiError, SourceError, SpoolError
 from ..progress import Progress
 from .frontend import FrontEnd
@@ -101,6 +104,8 @@ def run_capture(
         Source, spool or bus failures, after everything already spooled has
         been closed properly (and delivered, where consumers are listening).
     """
+    # First: a stage spawned by replay or the daemon stops when its parent dies.
+    arm_parent_guard()
     run_dir = Path(run_dir)
     if (run_dir / SPOOL_DIR).exists():
         raise SpoolError(f"{run_dir / SPOOL_DIR}: a spool already exists; use a new run directory")
@@ -114,8 +119,17 @@ def run_capture(
     frames = FrameLog(config.spool.memory_frames, reader=SpoolFallback(run_dir))
     started = time.monotonic()
     log_handler: logging.Handler | None = None
+    auth: CurveAuth | None = None
+    # Live statistics (RUN_DIR/stats/capture.json); queue depth: the slowest
+    # durable pipe's frames not yet taken by its consumer.
+    stats = StatsWriter(run_dir, "capture")
+    stats.set_extra(run_id=run_id)
+    stats.queue_depth_from(
+        lambda: max((frames.count - s.stats.sent for s in senders if s.durable), default=0)
+    )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        stats.start()
         # The run directory only comes into being once the source has opened.
         log_handler = logging.FileHandler(run_dir / "capture.log", encoding="utf-8")
         log_handler.setFormatter(
@@ -127,11 +141,16 @@ def run_capture(
             config.capture, video_like=info.video_like, significant_bits=info.significant_bits
         )
         endpoints = make_endpoints(config.bus, run_dir)
+        auth = server_auth(context, config.bus.transport, config.bus.curve_dir)
+        if auth is not None:  # tcp sockets as CURVE servers (bus.curve_dir)
+            endpoints = replace(endpoints, server_key=auth.server.public.decode("ascii"))
         for name, url in endpoints.pipes.items():
-            senders.append(PipeSender(name, url, frames, run_id, config.bus, context))
+            senders.append(PipeSender(name, url, frames, run_id, config.bus, context, auth=auth))
         if endpoints.monitor:
             senders.append(
-                PipeSender(MONITOR, endpoints.monitor, frames, run_id, config.bus, context, False)
+                PipeSender(
+                    MONITOR, endpoints.monitor, frames, run_id, config.bus, context, False, auth
+                )
             )
         for sender in senders:
             sender.start()
@@ -168,6 +187,9 @@ def run_capture(
                             )
                         seq = spool.append(d.frame)
                         frames.append(d.frame)  # published only once on disk
+                        stats.frame_out(nbytes=d.frame.image.nbytes)
+                    else:
+                        stats.drop(d.reason)
                     decisions_csv.write(format_decision(d) + f",{'' if seq is None else seq}\n")
                 decisions_csv.flush()  # progress readers (replay, dashboards) follow this file
 
@@ -176,7 +198,10 @@ def run_capture(
                 frame = source.read()
                 if frame is None:
                     break
+                t0 = time.perf_counter()
                 commit(front.process(frame))
+                stats.observe_ms((time.perf_counter() - t0) * 1000.0)
+                stats.set_counts(frames_in=front.stats.frames_in)
                 bar.update(front.stats.frames_in, f"{front.stats.kept} kept")
             else:
                 summary.stopped_by = "stop_request"
@@ -204,6 +229,8 @@ def run_capture(
             frames.finish()
             for sender in senders:
                 sender.join()
+            if auth is not None:
+                auth.stop()
             context.term()
             summary.seconds = time.monotonic() - started
             summary.input_fps = summary.frames_in / summary.seconds if summary.seconds else 0.0
@@ -218,6 +245,8 @@ def run_capture(
             }
             if run_dir.is_dir():
                 _write_summary(run_dir, summary, config)
+                stats.set_counts(frames_in=summary.frames_in, frames_out=summary.kept)
+                stats.close(summary.error)
             log.info(
                 "capture %s finished: %d frames in, %d kept, %.1f s (%s)",
                 run_id, summary.frames_in, summary.kept, summary.seconds,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,15 +40,19 @@ import numpy as np
 import zmq
 
 from .. import __version__
+from ..bus.auth import CurveAuth, local_client, server_auth
 from ..bus.transport import MONITOR, FrameLog, PipeSender, make_endpoints, write_endpoints
 from ..capture.spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
 from ..capture.stage import new_run_id
 from ..config import BusConfig, Config, to_dict
+from ..daemon.lifecycle import arm_parent_guard
+from ..daemon.stats import StatsWriter
 from ..errors import BusError, CemiError, DenoiseError, SpoolError
 from ..frame import Frame
 from ..progress import Progress
 from ..stitch.feed import DENOISE_SUMMARY, DENOISED_DIR, FrameFeed
 from .infer import Denoiser
+from .workers import DenoisePool
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,9 @@ class DenoiseSummary:
         Per pipe of the stage's bus: frames sent, undelivered, ended.
     stopped_by : str
         ``end_of_stream``, ``stop_request`` or ``already_complete``.
+    workers : dict
+        Frames denoised per worker when a :class:`~cemi_stream.denoise.workers.DenoisePool`
+        did the work (``denoise.workers > 1`` or ``denoise.listen``); empty otherwise.
     """
 
     run_id: str
@@ -112,6 +120,7 @@ class DenoiseSummary:
     ms_per_frame: dict[str, float] = field(default_factory=dict)
     pipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped_by: str = "end_of_stream"
+    workers: dict[str, int] = field(default_factory=dict)
 
 
 def stage_bus_config(config: Config) -> BusConfig:
@@ -171,6 +180,8 @@ def run_denoise_stage(
         backend (:class:`DenoiseError`), bus or spool failures - after every
         frame already denoised has been committed to the denoised spool.
     """
+    # First: a stage spawned by replay or the daemon stops when its parent dies.
+    arm_parent_guard()
     run_dir = Path(run_dir)
     out = denoised_dir(run_dir)
     started = time.monotonic()
@@ -189,6 +200,18 @@ def run_denoise_stage(
         load_s=time.monotonic() - started,
     )
     out.mkdir(parents=True, exist_ok=True)
+    pool: DenoisePool | None = None
+    if cfg.workers > 1 or cfg.listen is not None:
+        # Several workers (local processes, remote hosts): this process collects.
+        pool = DenoisePool(
+            run_dir, config, denoiser.model_path, denoiser.backend, summary.run_id, wait_s=wait_s
+        )
+        try:
+            pool.wait_ready(wait_s)
+        except BaseException:
+            pool.close()
+            raise
+        summary.load_s = time.monotonic() - started  # the workers' model loading included
     log_handler = logging.FileHandler(out / LOG_FILE, encoding="utf-8")
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(log_handler)
@@ -196,20 +219,37 @@ def run_denoise_stage(
     frames = FrameLog(config.spool.memory_frames)
     context: zmq.Context[Any] = zmq.Context()
     senders: list[PipeSender] = []
+    auth: CurveAuth | None = None
     timings = {"denoise": 0.0, "write": 0.0}
     completed = False
+    # Live statistics (RUN_DIR/stats/denoise.json), counted over the whole run
+    # like denoise.json's "frames" (a resumed stage starts at resumed_from);
+    # queue depth: denoised frames the slowest consumer has not taken yet.
+    stats = StatsWriter(run_dir, "denoise")
+    stats.set_extra(run_id=summary.run_id, backend=summary.backend, model=summary.model_name)
+    stats.queue_depth_from(
+        lambda: max((frames.count - s.stats.sent for s in senders if s.durable), default=0)
+    )
     try:
         if (out / SPOOL_DIR).exists():
             spool = FrameSpool.open_append(out, config.spool)
             summary.resumed_from = spool.count
+        stats.set_counts(frames_in=summary.resumed_from, frames_out=summary.resumed_from)
+        stats.set_extra(resumed_from=summary.resumed_from)
+        stats.start()
         frames = FrameLog(config.spool.memory_frames, SpoolFallback(out), summary.resumed_from)
         bus = stage_bus_config(config)
         endpoints = make_endpoints(bus, out)
+        auth = server_auth(context, bus.transport, bus.curve_dir)
+        if auth is not None:  # tcp sockets as CURVE servers (bus.curve_dir)
+            endpoints = dataclasses.replace(endpoints, server_key=auth.server.public.decode())
         for name, url in endpoints.pipes.items():
-            senders.append(PipeSender(name, url, frames, summary.run_id, bus, context))
+            senders.append(PipeSender(name, url, frames, summary.run_id, bus, context, auth=auth))
         if endpoints.monitor:
             senders.append(
-                PipeSender(MONITOR, endpoints.monitor, frames, summary.run_id, bus, context, False)
+                PipeSender(
+                    MONITOR, endpoints.monitor, frames, summary.run_id, bus, context, False, auth
+                )
             )
         for sender in senders:
             sender.start()
@@ -227,7 +267,11 @@ def run_denoise_stage(
         def commit(batch: list[tuple[int, Frame]]) -> None:
             nonlocal spool
             t0 = time.perf_counter()
-            images = denoiser.denoise_batch([frame.image for _, frame in batch])
+            if pool is not None:
+                images = pool.denoise_frames(batch)
+                stats.set_extra(workers=dict(pool.frames_by_worker))
+            else:
+                images = denoiser.denoise_batch([frame.image for _, frame in batch])
             t1 = time.perf_counter()
             if len(images) != len(batch):
                 raise DenoiseError(
@@ -250,13 +294,17 @@ def run_denoise_stage(
                 denoised = Frame(image, frame.meta)
                 spool.append(denoised)
                 frames.append(denoised)  # published only once on disk
+            t2 = time.perf_counter()
             timings["denoise"] += t1 - t0
-            timings["write"] += time.perf_counter() - t1
+            timings["write"] += t2 - t1
+            stats.frame_out(len(batch), nbytes=sum(image.nbytes for image in images))
+            stats.observe_ms((t2 - t0) * 1000.0 / len(batch), len(batch))
             summary.batches += 1
             summary.denoised += len(batch)
             bar.update(frames.count, summary.backend)
 
-        with FrameFeed(run_dir, summary.resumed_from, pipe, wait_s) as feed:
+        curve = local_client(config.bus.curve_dir)
+        with FrameFeed(run_dir, summary.resumed_from, pipe, wait_s, curve) as feed:
             batch: list[tuple[int, Frame]] = []
             flush_at = 0.0
             while not feed.done:
@@ -267,6 +315,7 @@ def run_denoise_stage(
                 timeout = max(flush_at - time.monotonic(), 0.0) if batch else _IDLE_POLL_S
                 item = feed.poll(timeout)
                 if item is not None:
+                    stats.frame_in()
                     if not batch:
                         flush_at = time.monotonic() + cfg.batch_wait_s
                     batch.append(item)
@@ -293,6 +342,11 @@ def run_denoise_stage(
                     sender.abort()
             for sender in senders:
                 sender.join()
+            if auth is not None:
+                auth.stop()
+            if pool is not None:
+                pool.close()
+                summary.workers = dict(pool.frames_by_worker)
             context.term()
             summary.frames = frames.count
             summary.seconds = time.monotonic() - started
@@ -316,6 +370,10 @@ def run_denoise_stage(
             )  # fmt: skip
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
+            stats.set_counts(frames_out=summary.frames)
+            stats.set_extra(denoised=summary.denoised, stopped_by=summary.stopped_by)
+            exc = sys.exc_info()[1]
+            stats.close(None if exc is None else f"{type(exc).__name__}: {exc}")
     _raise_sender_error(senders)
     if completed:
         _write_summary(out, summary, config)

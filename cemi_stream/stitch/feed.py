@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
+from ..bus.auth import KeyPair
 from ..bus.protocol import Kind
 from ..bus.transport import FrameReceiver, read_endpoints
 from ..capture.spool import ARRAY_NAME, SPOOL_DIR, SpoolReader
@@ -67,6 +68,9 @@ class FrameFeed:
     wait_s : float
         How long to wait for the producer to appear or to send anything
         (frames or heartbeats) before giving up with :class:`BusError`.
+    curve : KeyPair or None
+        This consumer's CURVE key pair, for a producer whose tcp bus is
+        CURVE-secured (``server_key`` in its ``bus.json``).
 
     Attributes
     ----------
@@ -77,9 +81,15 @@ class FrameFeed:
     """
 
     def __init__(
-        self, run_dir: Path, start: int = 0, pipe: str = "stitch", wait_s: float = 60.0
+        self,
+        run_dir: Path,
+        start: int = 0,
+        pipe: str = "stitch",
+        wait_s: float = 60.0,
+        curve: KeyPair | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.curve = curve
         self.pipe = pipe
         self.wait_s = wait_s
         self.next_seq = start
@@ -210,7 +220,15 @@ class FrameFeed:
             raise BusError(
                 f"{self.run_dir}: its producer has no pipe {self.pipe!r} (pipes: {known})"
             )
-        self._receiver = FrameReceiver(endpoints.pipes[self.pipe])
+        curve: tuple[KeyPair, bytes] | None = None
+        if endpoints.server_key is not None:
+            if self.curve is None:
+                raise BusError(
+                    f"{self.run_dir}: the producer's bus requires CURVE authentication "
+                    "and this stage has no key pair (set bus.curve_dir)"
+                )
+            curve = (self.curve, endpoints.server_key.encode("ascii"))
+        self._receiver = FrameReceiver(endpoints.pipes[self.pipe], curve=curve)
         self._silent_since = time.monotonic()
         return True
 
@@ -286,6 +304,7 @@ def frames_in_order(
     start: int = 0,
     pipe: str = "stitch",
     wait_s: float = 60.0,
+    curve: KeyPair | None = None,
 ) -> Iterator[tuple[int, Frame]]:
     """Yield ``(seq, frame)`` from ``start`` on, until the producer's last frame.
 
@@ -296,7 +315,7 @@ def frames_in_order(
     BusError
         When the producer does not appear, or sends nothing, for ``wait_s`` s.
     """
-    feed = FrameFeed(run_dir, start, pipe, wait_s)
+    feed = FrameFeed(run_dir, start, pipe, wait_s, curve)
     try:
         while not feed.done:
             item = feed.poll(0.5)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -34,7 +36,10 @@ import cv2
 import numpy as np
 
 from .. import __version__
+from ..bus.auth import local_client
 from ..config import Config, to_dict
+from ..daemon.lifecycle import arm_parent_guard
+from ..daemon.stats import StatsWriter, tree_bytes
 from ..errors import CemiError
 from ..frame import FrameMeta
 from ..progress import Progress
@@ -42,6 +47,7 @@ from .feed import SpoolFrames, frames_in_order
 from .grid import GridTracker
 from .gridspec import grid_spec
 from .journal import (
+    JOURNAL,
     POSITIONS,
     POSITIONS_HEADER,
     Journal,
@@ -190,7 +196,8 @@ class RenderProcess:
         self._inbox: Any = ctx.Queue(maxsize=1024)
         self._outbox: Any = ctx.Queue()
         args = (
-            str(run_dir), str(frames_dir), frame_shape, pixel_size_um, chunk_px, preview_max_side
+            str(run_dir), str(frames_dir), frame_shape, pixel_size_um, chunk_px, preview_max_side,
+            os.getpid(),
         )  # fmt: skip
         self._proc = ctx.Process(
             target=_render_main, args=(*args, self._inbox, self._outbox), name="render", daemon=True
@@ -234,10 +241,16 @@ def _render_main(
     pixel_size_um: float | None,
     chunk_px: int,
     preview_max_side: int,
+    parent_pid: int,
     inbox: Any,
     outbox: Any,
 ) -> None:
-    """Body of the render process (see :class:`RenderProcess`)."""
+    """Body of the render process (see :class:`RenderProcess`).
+
+    It stops when the stitch process ``parent_pid`` dies, even by ``kill -9``
+    (:func:`~cemi_stream.daemon.lifecycle.arm_parent_guard`).
+    """
+    arm_parent_guard(parent_pid, grace_s=2.0)
     try:
         path = Path(run_dir)
         canvas = MosaicCanvas(
@@ -311,6 +324,8 @@ def run_stitch(
     wait_s : float
         How long to wait for the producer to appear or send anything.
     """
+    # First: a stage spawned by replay or the daemon stops when its parent dies.
+    arm_parent_guard()
     run_dir = Path(run_dir)
     frames_dir = run_dir if frames_dir is None else Path(frames_dir)
     stop = stop or threading.Event()
@@ -329,8 +344,24 @@ def run_stitch(
     timings: defaultdict[str, float] = defaultdict(float)
     bar = Progress("stitch", enabled=progress)
     pixel_size_um = cfg.pixel_size_um
+    # Live statistics (RUN_DIR/stats/stitch.json): frames counted from seq 0 like
+    # stitch.json's "frames" (journaled ones included); queue depth: placements
+    # the renderer has not taken yet; bytes: the mosaic, journal and positions.
+    stats = StatsWriter(run_dir, "stitch")
+    stats.set_extra(resumed_from=summary.resumed_from, frames_dir=summary.frames_dir)
+    stats.queue_depth_from(lambda: 0 if renderer is None else int(renderer._inbox.qsize()))
+    stats.bytes_written_from(
+        lambda: (
+            tree_bytes(run_dir / MOSAIC_DIR)
+            + sum(tree_bytes(run_dir / name) for name in (POSITIONS, JOURNAL))
+        )
+    )
+    statuses: Counter[str] = Counter()
+    rows_seen: set[int] = set()
     try:
-        for seq, frame in frames_in_order(frames_dir, 0, pipe, wait_s=wait_s):
+        stats.start()
+        curve = local_client(config.bus.curve_dir)
+        for seq, frame in frames_in_order(frames_dir, 0, pipe, wait_s=wait_s, curve=curve):
             if stop.is_set():
                 break
             if tracker is None or renderer is None:
@@ -345,8 +376,10 @@ def run_stitch(
                     run_dir, frames_dir, frame.shape, pixel_size_um, cfg.chunk_px,
                     cfg.preview_max_side,
                 )  # fmt: skip
+            stats.frame_in()
             t0 = time.perf_counter()
             stage_px = _stage_px(frame.meta)
+            ms: float | None = None
             if seq < len(journaled):
                 placement = journaled[seq]
                 tracker.replay(placement, frame.image, frame.meta.row, stage_px)
@@ -357,9 +390,15 @@ def run_stitch(
                 timings["register"] += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 journal.append(placement)
-                timings["journal"] += time.perf_counter() - t1
+                t2 = time.perf_counter()
+                timings["journal"] += t2 - t1
+                ms = (t2 - t0) * 1000.0
             renderer.add(placement)
             placements.append(placement)
+            statuses[placement.status] += 1
+            rows_seen.add(placement.row)
+            stats.set_extra(statuses=dict(statuses), rows=len(rows_seen))
+            stats.frame_out(ms=ms)
             summary.frames += 1
             bar.update(summary.frames, f"row {placement.row}")
         if tracker is None or renderer is None:
@@ -374,6 +413,9 @@ def run_stitch(
         journal.close()
         if renderer is not None:
             renderer.abort()
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            stats.close(f"{type(exc).__name__}: {exc}")
     positions = {int(k): (v[0], v[1]) for k, v in result["positions"].items()}
     x0, y0 = result["origin_xy"]
     origin = (x0 - CANVAS_MARGIN_PX, y0 - CANVAS_MARGIN_PX)
@@ -406,6 +448,9 @@ def run_stitch(
     summary.pixel_size_um = pixel_size_um
     data = {"cemi_stream": __version__, "summary": asdict(summary), "config": to_dict(config)}
     (run_dir / SUMMARY).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    stats.set_counts(frames_in=summary.frames, frames_out=summary.frames)
+    stats.set_extra(statuses=summary.statuses, rows=summary.rows, mosaic_shape=summary.mosaic_shape)
+    stats.close()
     log.info(
         "stitch: %d frames (%s) in %.1f s, mosaic %s, residual rms %.2f px",
         summary.frames, summary.statuses, summary.seconds, summary.mosaic_shape,
