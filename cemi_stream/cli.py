@@ -111,6 +111,119 @@ def _add_stitch_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_replay_options(p: argparse.ArgumentParser) -> None:
+    """The run options of ``replay`` after SOURCE and ``--out`` (``start`` takes them too)."""
+    p.add_argument(
+        "--denoise",
+        default="off",
+        metavar="BACKEND",
+        help="denoise the frames before stitching: off (default), auto, cpu, onnx, cuda or "
+        "tensorrt",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="denoiser model name or .safetensors file (default: the shipped default model)",
+    )
+    p.add_argument(
+        "--keyframes", choices=["on", "off"], help="default: on for videos, off for images"
+    )
+    p.add_argument("--pixel-size-um", type=float, metavar="X")
+    p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
+    _add_levels(p)
+    _add_stitch_options(p)
+
+
+def _add_daemon_connection(p: argparse.ArgumentParser) -> None:
+    """Where the daemon is: ``--data-dir DIR`` or ``--url URL --token-file F``."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("cemi-data"),
+        metavar="DIR",
+        help="the daemon's data directory: read DIR/daemon.json and DIR/token "
+        "(default ./cemi-data)",
+    )
+    p.add_argument("--url", metavar="URL", help="the daemon's URL (instead of DIR/daemon.json)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="F",
+        help="file holding the API token (default DIR/token)",
+    )
+
+
+def _add_daemon_commands(sub: Any) -> None:
+    """``serve`` (the daemon) and its clients ``start``, ``status``, ``stop``, ``resume``."""
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon: the control API and a supervisor of runs (foreground)",
+        description="Serve the control API (HTTP, JSON) on HOST:PORT and supervise the runs it "
+        "starts in DIR/runs/RUN_ID/, each laid out as replay lays out a run.  DIR holds "
+        "daemon.json (url, pid, start time, version) and the API token DIR/token (made on "
+        "first start, mode 0600).  SIGTERM or SIGINT stops the runs cleanly, then the daemon.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8750, help="TCP port (default 8750; 0: a free port)")
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("cemi-data"), metavar="DIR",
+        help="data directory (default ./cemi-data)",
+    )  # fmt: skip
+    p.add_argument(
+        "--public-read",
+        action="store_true",
+        help="reads (GET) need no token (refused with a non-loopback --host)",
+    )
+    p.add_argument(
+        "--allow-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="a folder outside the data directory that run sources may come from (repeatable)",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "start",
+        help="start a run on the daemon; prints the run id",
+        description="Ask the daemon to start a run of SOURCE with replay's options (and "
+        "--pace, --name); prints the run id as the last line.  Paths must lie in the "
+        "daemon's data directory.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument(
+        "--pace", help="native (the daemon's default), max, or frames per second (replay sources)"
+    )
+    p.add_argument("--name", help="a label for listings")
+    _add_replay_options(p)
+    _add_daemon_connection(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser(
+        "status",
+        help="the state of a run on the daemon (or a table of all runs)",
+        description="Print the state, stages and counts of RUN_ID (or a table of every run); "
+        "--json prints the API's object (GET /api/runs/RUN_ID) exactly.",
+    )
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="print the API's JSON object")
+    _add_daemon_connection(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_status)
+
+    for name, what, func in (
+        ("stop", "ask a run on the daemon to stop cleanly", cmd_stop),
+        ("resume", "complete an interrupted or failed run on the daemon", cmd_resume),
+    ):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        p.add_argument("run_id", metavar="RUN_ID")
+        _add_daemon_connection(p)
+        _add_common(p)
+        p.set_defaults(func=func)
+
+
 def _stitch_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "grid", None) is not None:
@@ -262,25 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
-    p.add_argument(
-        "--denoise",
-        default="off",
-        metavar="BACKEND",
-        help="denoise the frames before stitching: off (default), auto, cpu, onnx, cuda or "
-        "tensorrt",
-    )
-    p.add_argument(
-        "--model",
-        metavar="NAME|PATH",
-        help="denoiser model name or .safetensors file (default: the shipped default model)",
-    )
-    p.add_argument(
-        "--keyframes", choices=["on", "off"], help="default: on for videos, off for images"
-    )
-    p.add_argument("--pixel-size-um", type=float, metavar="X")
-    p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
-    _add_levels(p)
-    _add_stitch_options(p)
+    _add_replay_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_replay)
 
@@ -315,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    _add_daemon_commands(sub)
     return parser
 
 
@@ -577,6 +674,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(args, config)
     return run_demo(args.out, quiet=args.quiet, denoise=args.denoise)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: the daemon, in the foreground."""
+    from .daemon.service import main_serve
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return main_serve(args)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``start``: start a run on the daemon."""
+    from .daemon.client import cmd_start as run
+
+    _setup_logging(args, _config(args))
+    return run(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: a run's state on the daemon."""
+    from .daemon.client import cmd_status as run
+
+    _setup_logging(args, _config(args))
+    return run(args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """``stop``: stop a run on the daemon."""
+    from .daemon.client import cmd_stop as run
+
+    _setup_logging(args, _config(args))
+    return run(args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``resume``: resume a run on the daemon."""
+    from .daemon.client import cmd_resume as run
+
+    _setup_logging(args, _config(args))
+    return run(args)
 
 
 class _stop_on_signals:  # noqa: N801 - used as a context manager, reads like a function
