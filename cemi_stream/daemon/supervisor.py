@@ -262,6 +262,7 @@ class Run:
         self.wall_s: float | None = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._nothing_captured = False  # stopped before the capture's bus came up
         self._stop_deadline: float | None = None
         commands = stage_commands(options, self.run_dir, model_path=model_path)
         self.stages: dict[str, StageProcess] = {
@@ -530,6 +531,16 @@ class Run:
     def _advance_stop(self, now: float) -> None:
         """During a stop: SIGTERM the capture; the rest after the drain time; SIGKILL last."""
         overdue = self._stop_deadline is not None and now > self._stop_deadline
+        capture = self.stages.get(CAPTURE)
+        if (
+            capture is not None
+            and capture.proc is not None
+            and capture.proc.poll() is not None
+            and not (self.run_dir / "bus.json").exists()
+        ):
+            # The capture stopped before its bus came up: nothing will reach the
+            # others, which would wait for a bus until their timeout.
+            overdue = self._nothing_captured = True
         for stage in self.stages.values():
             proc = stage.proc
             if proc is None or proc.poll() is not None:
@@ -565,7 +576,9 @@ class Run:
         if self.state == "failed":
             self.save()
             return
-        if all(s.state == "done" for s in self.stages.values()):
+        if self._nothing_captured and self._stop.is_set():
+            self._set_state("finished", "stopped on request (before anything was captured)")
+        elif all(s.state == "done" for s in self.stages.values()):
             reason = "stopped on request" if self._stop.is_set() else None
             self._set_state("finished", reason)
         else:

@@ -220,3 +220,17 @@ def test_stop_ends_the_stream_and_the_run_finishes_with_what_was_captured(
     assert 2 <= info["counts"]["placed"] < FRAMES
     assert info["mosaic_shape"] is not None
     assert live_processes(run_dir, 5.0) == []
+
+
+def test_a_run_stopped_before_its_capture_is_up_ends_at_once(supervisor: Supervisor) -> None:
+    """A stop in the run's first moment: the capture exits before its bus exists, so nothing
+    can reach the stitcher; it must be stopped at once, not left waiting for a bus."""
+    t0 = time.monotonic()
+    run_id = supervisor.start(RunOptions(source=SOURCE, pace="4"))
+    run_dir = supervisor.runs_dir / run_id
+    supervisor.stop(run_id)
+    info = wait_for(supervisor, run_id, ("finished", "failed", "interrupted"), 60)
+    assert time.monotonic() - t0 < 20.0, info
+    assert info["state"] == "finished", info
+    assert info["reason"].startswith("stopped on request"), info
+    assert live_processes(run_dir, 5.0) == []
