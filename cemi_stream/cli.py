@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-timeout", type=float, metavar="S", help="wait for absent consumers at the end"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the spool already in DIR (a restarted capture): a recorded source is "
+        "read again from its start and the frames already spooled are not written again",
+    )
     _add_frontend(p)
     _add_common(p)
     p.set_defaults(func=cmd_capture)
@@ -525,6 +531,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             loop=args.loop or None,
             stop=stop,
             progress=not args.quiet,
+            resume=args.resume,
         )
     return EXIT_INTERRUPTED if summary.stopped_by == "stop_request" and stop.is_set() else 0
 

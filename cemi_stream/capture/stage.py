@@ -36,7 +36,7 @@ from ..errors import BusError, CemiError, SourceError, SpoolError
 from ..progress import Progress
 from .frontend import FrontEnd
 from .keyframes import Decision, format_decision
-from .spool import SPOOL_DIR, FrameSpool, SpoolFallback
+from .spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def run_capture(
     loop: bool | None = None,
     stop: threading.Event | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> CaptureSummary:
     """Run the capture process until the source ends or ``stop`` is set.
 
@@ -92,6 +93,14 @@ def run_capture(
         Set it (e.g. from a SIGINT handler) to end the capture cleanly.
     progress : bool
         Show a progress counter on stderr.
+    resume : bool
+        Continue the spool already in ``run_dir`` (a capture restarted by the
+        supervisor after it died).  A recorded source is read again from its
+        start through the same front end, so the kept frames come out in the
+        same order: those already spooled are checked (same source index) and
+        neither written nor published again; frame numbering, ``capture.csv``
+        and the summary continue as if the capture had never stopped.  A live
+        source has no start to go back to: its new frames are appended.
 
     Returns
     -------
@@ -107,16 +116,25 @@ def run_capture(
     # First: a stage spawned by replay or the daemon stops when its parent dies.
     arm_parent_guard()
     run_dir = Path(run_dir)
+    resumed: SpoolReader | None = None
     if (run_dir / SPOOL_DIR).exists():
-        raise SpoolError(f"{run_dir / SPOOL_DIR}: a spool already exists; use a new run directory")
+        if not resume:
+            raise SpoolError(
+                f"{run_dir / SPOOL_DIR}: a spool already exists; use a new run directory"
+            )
+        resumed = SpoolReader(run_dir)
     stop = stop or threading.Event()
     source = drivers.open_source(source_uri, pace=pace, loop=loop)
     run_id = new_run_id()
+    done = 0  # frames already in the spool (a resumed capture)
+    if resumed is not None:
+        run_id = str(resumed.attrs.get("run_id") or run_id)
+        done = len(resumed)
     summary = CaptureSummary(run_id=run_id, source=source_uri)
     context: zmq.Context[Any] = zmq.Context()
     senders: list[PipeSender] = []
     spool: FrameSpool | None = None
-    frames = FrameLog(config.spool.memory_frames, reader=SpoolFallback(run_dir))
+    frames = FrameLog(config.spool.memory_frames, reader=SpoolFallback(run_dir), start=done)
     started = time.monotonic()
     log_handler: logging.Handler | None = None
     auth: CurveAuth | None = None
@@ -167,11 +185,27 @@ def run_capture(
         with open(run_dir / "capture.csv", "w", encoding="utf-8") as decisions_csv:
             decisions_csv.write(DECISIONS_HEADER)
 
+            # A recorded source read again: its first ``done`` kept frames are
+            # the spool's (live sources go on from where they are).
+            replayed = 0 if resumed is not None and info.frame_count is not None else done
+            if resumed is not None:
+                spool = FrameSpool.open_append(run_dir, config.spool)
+                log.info("capture %s: resuming after %d spooled frames", run_id, done)
+
             def commit(decisions: list[Decision]) -> None:
-                nonlocal spool
+                nonlocal spool, replayed
                 for d in decisions:
                     seq: int | None = None
-                    if d.kept:
+                    if d.kept and resumed is not None and replayed < done:
+                        spooled = resumed.meta(replayed).src_index
+                        if spooled != d.frame.meta.src_index:
+                            raise SpoolError(
+                                f"{run_dir / SPOOL_DIR}: cannot resume: spooled frame {replayed} "
+                                f"is source frame {spooled}, the source now gives "
+                                f"{d.frame.meta.src_index} (not the same source?)"
+                            )
+                        seq, replayed = replayed, replayed + 1
+                    elif d.kept:
                         if spool is None:
                             spool = FrameSpool.create(
                                 run_dir,

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import __version__
+from ..capture.spool import SPOOL_DIR
 from ..errors import CemiError, ConfigError, RunNotFoundError, RunStateError
 from ..stitch.feed import DENOISED_DIR
 from .lifecycle import spawn
@@ -379,8 +380,14 @@ class Run:
         self._conclude()
 
     def _spawn(self, stage: StageProcess, log_file: IO[str]) -> None:
+        command = stage.command
+        if stage.name == CAPTURE and (self.run_dir / SPOOL_DIR).exists():
+            # A restarted (or resumed) capture continues its spool; a summary
+            # left by a stopped one would tell the consumers it had finished.
+            command = [*command, "--resume"]
+            (self.run_dir / "capture.json").unlink(missing_ok=True)
         stage.proc = spawn(
-            stage.command, stdout=subprocess.DEVNULL, stderr=log_file, run_dir=self.run_dir
+            command, stdout=subprocess.DEVNULL, stderr=log_file, run_dir=self.run_dir
         )
         stage.state = "running"
         stage.started_at = time.monotonic()

@@ -234,3 +234,34 @@ def test_a_run_stopped_before_its_capture_is_up_ends_at_once(supervisor: Supervi
     assert info["state"] == "finished", info
     assert info["reason"].startswith("stopped on request"), info
     assert live_processes(run_dir, 5.0) == []
+
+
+def spooled(run_dir: Path) -> int:
+    try:
+        return (run_dir / "frames.zarr" / "table.csv").read_text().count("\n") - 1
+    except OSError:
+        return 0
+
+
+def test_a_capture_killed_mid_stream_is_restarted_and_the_run_is_identical(
+    supervisor: Supervisor, reference: Path
+) -> None:
+    """The restarted capture reads the recorded source again, skips what it had spooled and
+    goes on: no frame lost or doubled, positions and mosaic as in an undisturbed run."""
+    run_id = supervisor.start(RunOptions(source=SOURCE, pace="6"))  # 6 frames/s: ~3 s in all
+    run_dir = supervisor.runs_dir / run_id
+    deadline = time.monotonic() + 120
+    while spooled(run_dir) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = supervisor.get(run_id)["stages"]["capture"]["pid"]
+    assert pid is not None
+    before = spooled(run_dir)
+    os.kill(pid, signal.SIGKILL)
+    info = wait_for(supervisor, run_id, ("finished", "failed"), 180)
+    assert info["state"] == "finished", info
+    assert before < FRAMES, "the capture was not killed mid-stream"
+    assert info["stages"]["capture"]["restarts"] == 1
+    assert spooled(run_dir) == FRAMES
+    assert positions(run_dir) == positions(reference)
+    assert np.array_equal(mosaic(run_dir), mosaic(reference))
+    assert live_processes(run_dir, 5.0) == []
