@@ -249,3 +249,63 @@ def test_frame_log_wait_semantics() -> None:
         frames.get(0)
     frames.finish()
     assert not frames.wait(3, 1.0)
+
+
+def _malformed(rng: np.random.Generator, good: list[Any]) -> list[bytes]:
+    """One malformed bus message: a random kind of damage to a valid frame message."""
+    header = bytes(good[0].buffer if hasattr(good[0], "buffer") else good[0])
+    payload = bytes(good[1].buffer if hasattr(good[1], "buffer") else good[1])
+    fields = msgpack.unpackb(header)
+    kind = int(rng.integers(10))
+    if kind == 0:  # random bytes
+        return [rng.bytes(int(rng.integers(0, 64))), rng.bytes(int(rng.integers(0, 64)))]
+    if kind == 1:  # wrong number of parts
+        return [header] if rng.random() < 0.5 else [header, payload, b"extra"]
+    if kind == 2:  # truncated payload
+        return [header, payload[: int(rng.integers(0, len(payload)))]]
+    if kind == 3:  # unknown protocol version
+        return [msgpack.packb({**fields, "v": int(rng.integers(2, 1000))}), payload]
+    if kind == 4:  # unknown message kind
+        return [msgpack.packb({**fields, "kind": "nonsense"}), payload]
+    if kind == 5:  # shape that does not match the payload
+        return [msgpack.packb({**fields, "shape": [int(rng.integers(1, 99)), 7]}), payload]
+    if kind == 6:  # a huge declared frame
+        return [msgpack.packb({**fields, "shape": [100_000, 100_000]}), payload]
+    if kind == 7:  # wrong field types
+        key = ["seq", "run", "shape", "dtype", "t"][int(rng.integers(5))]
+        return [msgpack.packb({**fields, key: {"not": "valid"}}), payload]
+    if kind == 8:  # missing fields
+        drop = list(fields)[int(rng.integers(len(fields)))]
+        return [msgpack.packb({k: v for k, v in fields.items() if k != drop}), payload]
+    return [header[: int(rng.integers(1, len(header)))], payload]  # truncated header
+
+
+def test_ten_thousand_malformed_messages_are_rejected_and_counted(tmp_path: Path, ctx: Any) -> None:
+    """A real socket fed 10,000 damaged messages between valid ones: none crashes the
+    receiver, none is delivered, every one is counted with a reason, valid ones still arrive."""
+    endpoint = f"ipc://{tmp_path}/fuzz.sock"
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.bind(endpoint)
+    receiver = FrameReceiver(endpoint, context=ctx, max_frame_bytes=1_000_000)
+    rng = np.random.default_rng(7)
+    good = encode_frame("r", 0, _frame(0))
+    n_bad = 10_000
+    push.send_multipart(good, copy=False)
+    for k in range(n_bad):
+        push.send_multipart(_malformed(rng, encode_frame("r", 1, _frame(1))))
+        if k == n_bad // 2:
+            push.send_multipart(encode_frame("r", 1, _frame(1)), copy=False)
+    push.send_multipart(encode_control(Kind.END, "r", 1, count=2))
+    seen = []
+    while (msg := receiver.recv(5000)) is not None:
+        seen.append((msg.kind, msg.seq))
+        if msg.kind is Kind.END:
+            break
+    assert seen == [(Kind.FRAME, 0), (Kind.FRAME, 1), (Kind.END, 1)]
+    stats = receiver.stats
+    assert stats.frames == 2
+    assert sum(stats.rejected.values()) == n_bad, stats.rejected
+    assert len(stats.rejected) >= 5  # distinct reasons, not one catch-all
+    push.close(0)
+    receiver.close()
