@@ -161,19 +161,23 @@ _OWNER = textwrap.dedent(
     from cemi_stream.daemon.options import RunOptions
     from cemi_stream.daemon.supervisor import Supervisor
     sup = Supervisor(sys.argv[1])
-    print(sup.start(RunOptions(source=sys.argv[2], pace="max")), flush=True)
+    print(sup.start(RunOptions(source=sys.argv[2], pace=sys.argv[3])), flush=True)
     time.sleep(600)
     """
 )
 
 
+@pytest.mark.parametrize("moment", ["after_capture", "mid_capture"])
 def test_an_interrupted_run_is_listed_and_resume_completes_it(
-    tmp_path: Path, reference: Path
+    tmp_path: Path, reference: Path, moment: str
 ) -> None:
+    """The daemon killed mid-run (after its capture ended, or in the middle of it: the resumed
+    capture then reads the source again and skips what it had spooled)."""
     data = tmp_path / "data"
+    pace = "max" if moment == "after_capture" else "6"
     owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER, str(data), SOURCE], stdout=subprocess.PIPE, text=True,
-        cwd=REPO,
+        [sys.executable, "-c", _OWNER, str(data), SOURCE, pace], stdout=subprocess.PIPE,
+        text=True, cwd=REPO,
     )  # fmt: skip
     try:
         assert owner.stdout is not None
@@ -181,9 +185,13 @@ def test_an_interrupted_run_is_listed_and_resume_completes_it(
         run_dir = data / "runs" / run_id
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            if moment == "mid_capture" and spooled(run_dir) >= 4:
+                break
             if (run_dir / "capture.json").exists() and journal_lines(run_dir) >= 3:
                 break
             time.sleep(0.01)
+        if moment == "mid_capture":
+            assert not (run_dir / "capture.json").exists(), "the capture had already ended"
         owner.send_signal(signal.SIGKILL)  # the daemon dies mid-run
         owner.wait(10)
     finally:
