@@ -33,8 +33,8 @@ import zmq
 from . import __version__
 from .capture.spool import SPOOL_DIR, TABLE_NAME
 from .daemon.options import RunOptions
+from .daemon.run import Run, new_run_id
 from .daemon.stages import DENOISE, check_denoise
-from .daemon.supervisor import Run, new_run_id
 from .errors import CemiError, ConfigError
 from .progress import Progress
 from .stitch.feed import DENOISED_DIR

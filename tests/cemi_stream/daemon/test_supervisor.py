@@ -17,7 +17,8 @@ import pytest
 import zarr
 
 from cemi_stream.daemon.options import RunOptions
-from cemi_stream.daemon.supervisor import RUN_RECORD, Supervisor
+from cemi_stream.daemon.run import RUN_RECORD
+from cemi_stream.daemon.supervisor import Supervisor
 from cemi_stream.errors import RunNotFoundError, RunStateError
 
 REPO = Path(__file__).resolve().parents[3]
