@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -41,6 +42,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _free_port_block(count: int = 8) -> int:
+    """A base port with ``count`` consecutive free ports, below the ephemeral range.
+
+    A run's bus binds ``port_base + i`` for each pipe; one free ephemeral port says
+    nothing about its neighbours, which other sockets of the suite may hold.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - count)
+        held = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no block of free ports found for the bus")
 
 
 def test_key_files_modes_and_format(tmp_path: Path) -> None:
@@ -179,7 +204,7 @@ def test_reload_admits_a_new_client(tmp_path: Path) -> None:
 def test_replay_over_a_curve_tcp_bus(tmp_path: Path) -> None:
     """capture and stitch processes over tcp with CURVE: the run completes, keys are made."""
     keys = tmp_path / "keys"
-    port = _free_port()
+    port = _free_port_block()
     cfg = tmp_path / "bus.toml"
     cfg.write_text(
         f'[bus]\ntransport = "tcp"\nport_base = {port}\nmonitor = false\ncurve_dir = "{keys}"\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -169,9 +170,15 @@ def test_refusals_are_one_line_and_exit_2(
     bad = cli("start", "../../no-such-folder", "--data-dir", str(data))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "source" in bad.stderr and "'..' is not allowed" in bad.stderr
-    # A local path is sent absolute: outside the daemon's data directory here.
-    outside = cli("start", "../../etc", "--data-dir", str(data))
-    assert outside.returncode == 2 and "/etc is outside the data directory" in outside.stderr
+    # A local path that exists is sent absolute (its '..' resolved here), so the
+    # daemon refuses it for being outside its data directory, not for the '..'.
+    elsewhere = tmp_path / "elsewhere-frames"
+    elsewhere.mkdir()
+    relative = os.path.relpath(elsewhere, REPO)
+    assert relative.startswith("..")
+    outside = cli("start", relative, "--data-dir", str(data))
+    assert outside.returncode == 2
+    assert f"{elsewhere.resolve()} is outside the data directory" in outside.stderr
     unknown = cli("status", "20261202T000000Z-abcdef", "--data-dir", str(data))
     assert unknown.returncode == 2 and "no such run" in unknown.stderr
     wrong = tmp_path / "wrong-token"
