@@ -8,8 +8,10 @@ message to stderr and returns 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,6 +29,9 @@ log = logging.getLogger("cemi_stream")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# A stage that ran out of disk space (errno ENOSPC's number): the supervisor
+# does not restart it, since a restart would only fail the same way.
+EXIT_NO_SPACE = 28
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -747,6 +752,28 @@ class _stop_on_signals:  # noqa: N801 - used as a context manager, reads like a 
             signal.signal(sig, old)
 
 
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = tuple(os.strerror(e) for e in _NO_SPACE_ERRNOS)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or an exhausted quota.
+
+    Errors that crossed a process boundary (the stitcher's renderer) arrive
+    as text only, so the message is read too.
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # cause chains are short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _NO_SPACE_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
@@ -758,7 +785,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except CemiError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_NO_SPACE if is_no_space(exc) else EXIT_USER_ERROR
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        # A write outside the library's own checks (a log file, a temporary file).
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

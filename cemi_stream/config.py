@@ -208,6 +208,11 @@ class StitchConfig:
     overlap : str or None
         Nominal overlap of neighbouring grid tiles, ``"F"`` or ``"FX,FY"``
         (fractions of the tile); None: 0.1.
+    max_fps : float
+        Most frames per second the stitcher takes, 0 = as many as it can: to
+        leave CPU to the instrument's own software, or to rehearse a slow
+        stitcher (the capture is never held back by it: frames wait in the
+        spool, see ``stitch.feed``).
     """
 
     layout: Literal["auto", "raster", "serpentine"] = "auto"
@@ -220,6 +225,7 @@ class StitchConfig:
     order: Literal["row", "column"] = "row"
     serpentine: bool = False
     overlap: str | None = None
+    max_fps: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +419,8 @@ def _validate(config: Config) -> None:
     st = config.stitch
     if not 0.0 <= st.min_band_z <= 1000.0:
         raise ConfigError(f"stitch.min_band_z: {st.min_band_z} is outside 0..1000")
+    if not 0.0 <= st.max_fps <= 100_000.0:
+        raise ConfigError(f"stitch.max_fps: {st.max_fps} is outside 0..100000 frames/s")
     if st.chunk_px < 64 or st.chunk_px % 64:
         raise ConfigError(f"stitch.chunk_px: {st.chunk_px} must be a multiple of 64")
     grid_spec(st)  # raises ConfigError naming the option

@@ -108,6 +108,11 @@ class PacedSource:
         Restart the source at its end.
     clock, sleep : callable
         Monotonic clock in seconds and sleep function (replaceable in tests).
+
+    Attributes
+    ----------
+    decimated : int
+        Frames of a live source left out because they came before their slot.
     """
 
     def __init__(
@@ -130,6 +135,9 @@ class PacedSource:
         self._offset = 0
         self._last_index = -1
         self._pass_frames = 0
+        # Frames of a live source left out to keep to the pace (counted by the capture).
+        self.decimated = 0
+        self._unpaced = 0
 
     @property
     def info(self) -> SourceInfo:
@@ -166,8 +174,19 @@ class PacedSource:
         self._pass_frames = 0
         log.debug("%s: period %s s, loop %s", self.uri, self._period, self._loop)
 
+    def fast_forward(self, frames: int) -> None:
+        """Hand out the next ``frames`` frames of a replay source at once, unpaced.
+
+        A resumed capture reads a recorded source again up to where its spool
+        ends, only to skip those frames.  Ignored for live sources.
+        """
+        self._unpaced = max(int(frames), 0)
+
     def read(self) -> Frame | None:
         """Next frame, on schedule; None at the end (never, when looping)."""
+        if self._unpaced > 0 and not self.source.info.live:
+            self._unpaced -= 1
+            return self._read_looping()
         if self._period is not None and self.source.info.live:
             return self._read_decimated(self._period)
         if self._period is not None:
@@ -201,6 +220,7 @@ class PacedSource:
                 else:
                     self._next_due += period
                 return frame
+            self.decimated += 1
 
     def _read_looping(self) -> Frame | None:
         frame = self.source.read()

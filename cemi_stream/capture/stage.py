@@ -41,6 +41,10 @@ from .spool import SPOOL_DIR, FrameSpool, SpoolFallback, SpoolReader
 log = logging.getLogger(__name__)
 
 DECISIONS_HEADER = "src_index,kept,reason,dx_px,dy_px,seq\n"
+# Reasons of the frames of a live device the capture never got: lost in the
+# device's buffer while the capture was behind, or left out to keep to --pace.
+OVERRUN = "overrun"
+DECIMATED = "decimated"
 
 
 def new_run_id() -> str:
@@ -130,6 +134,11 @@ def run_capture(
     if resumed is not None:
         run_id = str(resumed.attrs.get("run_id") or run_id)
         done = len(resumed)
+        fast_forward = getattr(source, "fast_forward", None)
+        if done and callable(fast_forward):
+            # The recorded frames up to the last spooled one are read again only
+            # to be skipped: no reason to wait for their pace slots.
+            fast_forward(resumed.meta(done - 1).src_index + 1)
     summary = CaptureSummary(run_id=run_id, source=source_uri)
     context: zmq.Context[Any] = zmq.Context()
     senders: list[PipeSender] = []
@@ -227,11 +236,32 @@ def run_capture(
                     decisions_csv.write(format_decision(d) + f",{'' if seq is None else seq}\n")
                 decisions_csv.flush()  # progress readers (replay, dashboards) follow this file
 
+            last_src: int | None = None
+            last_decimated = 0
             while not stop.is_set():
                 _raise_sender_error(senders)
                 frame = source.read()
                 if frame is None:
+                    if info.live and last_src is not None:  # left out after the last one read
+                        for i in range(int(getattr(source, "decimated", 0)) - last_decimated):
+                            decisions_csv.write(f"{last_src + 1 + i},0,{DECIMATED},,,\n")
+                            front.stats.reasons[DECIMATED] += 1
+                            stats.drop(DECIMATED)
                     break
+                if info.live:
+                    # A live device's frame counter skips the frames the capture never
+                    # got: left out to keep to --pace, or lost in the device's buffer
+                    # while the capture was behind.  Each is counted, one row each.
+                    index = frame.meta.src_index
+                    decimated = int(getattr(source, "decimated", 0))
+                    if last_src is not None and index > last_src + 1:
+                        paced = min(decimated - last_decimated, index - last_src - 1)
+                        for i in range(last_src + 1, index):
+                            reason = DECIMATED if i - last_src <= paced else OVERRUN
+                            decisions_csv.write(f"{i},0,{reason},,,\n")
+                            front.stats.reasons[reason] += 1
+                            stats.drop(reason)
+                    last_src, last_decimated = index, decimated
                 t0 = time.perf_counter()
                 commit(front.process(frame))
                 stats.observe_ms((time.perf_counter() - t0) * 1000.0)

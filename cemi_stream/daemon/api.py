@@ -558,8 +558,9 @@ def create_app(
             raise ApiError("invalid_option", str(exc)) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                why = exc.strerror if exc.strerror and "MiB" in exc.strerror else "no space left"
                 raise ApiError(
-                    "insufficient_storage", f"{data_path}: no space left to create a run"
+                    "insufficient_storage", f"{data_path}: {why} to create a run"
                 ) from None
             raise ApiError(
                 "internal_error", f"cannot create the run: {exc.strerror or exc}"

@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -214,3 +215,29 @@ def spawn(
         cwd=cwd,
         close_fds=True,
     )
+
+
+def run_processes(run_dir: str | os.PathLike[str]) -> list[int]:
+    """Pids of the live processes of a run: those whose environment names it in :data:`RUN_ENV`.
+
+    Every stage process and every process it starts inherits the mark, so an
+    empty list after a run (or after a ``kill -9`` at any level) means no
+    orphan is left.  Zombies are not counted; on systems without ``/proc``
+    the list is empty.
+    """
+    needle = f"{RUN_ENV}={os.fspath(run_dir)}".encode() + b"\0"
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes() + b"\0"
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in environ and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -20,7 +20,8 @@ is killed first) is restarted after a back-off of 0.2 s doubling to at most
 journal, the denoise stage after its last committed frame, the capture after
 its last spooled frame).  More than ``max_restarts`` restarts of one stage
 within ``restart_window_s`` and the run is given up: state ``failed``, with
-the reason.
+the reason.  A stage that exits with :data:`EXIT_NO_SPACE` (the disk is
+full) fails the run at once: a restart would only fail the same way.
 
 States
 ------
@@ -85,6 +86,8 @@ BACKOFF_MAX_S = 5.0
 POLL_S = 0.05
 # Exit status of a stage that stopped on SIGINT/SIGTERM (cemi_stream.cli.EXIT_INTERRUPTED).
 EXIT_INTERRUPTED = 130
+# Exit status of a stage that ran out of disk space (cemi_stream.cli.EXIT_NO_SPACE).
+EXIT_NO_SPACE = 28
 
 
 def new_run_id() -> str:
@@ -485,6 +488,10 @@ class Run:
         elif self._stop.is_set() and code in (EXIT_INTERRUPTED, -signal.SIGTERM):
             stage.state = "done" if stage.name == CAPTURE else "stopped"
             self.save()
+        elif code == EXIT_NO_SPACE:
+            # A full disk is not cured by a restart: the run fails at once, and
+            # what is on disk (spool, journal) stays as the stages left it.
+            self._stage_failed(stage, restart=False)
         else:
             self._stage_failed(stage, restart=True)
 

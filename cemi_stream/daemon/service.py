@@ -435,9 +435,16 @@ def serve(
                 try:
                     write_json_atomic(data_dir / DAEMON_FILE, info)
                 except OSError as exc:
-                    log.error("%s: cannot mark the daemon stopped (%s)",
-                              data_dir / DAEMON_FILE, exc.strerror)  # fmt: skip
-                    code = 1
+                    # A full disk: removing the file still tells clients that no
+                    # daemon serves here (and needs no space); else it is an error.
+                    try:
+                        (data_dir / DAEMON_FILE).unlink()
+                        log.warning("%s: cannot mark the daemon stopped (%s); removed it",
+                                    data_dir / DAEMON_FILE, exc.strerror)  # fmt: skip
+                    except OSError:
+                        log.error("%s: cannot mark the daemon stopped (%s)",
+                                  data_dir / DAEMON_FILE, exc.strerror)  # fmt: skip
+                        code = 1
         log.info("daemon stopped")
     return code
 

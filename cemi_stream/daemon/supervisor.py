@@ -11,8 +11,10 @@ control API calls it from its worker threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -38,6 +40,10 @@ from .stages import check_denoise
 
 log = logging.getLogger(__name__)
 
+# Free space a new run needs on the data directory, bytes: room for the first
+# frames, the logs and the records a failing run still has to write.
+MIN_FREE_BYTES = 32 * 2**20
+
 
 class Supervisor:
     """All runs of a data directory: start, watch, restart, stop, resume.
@@ -55,6 +61,9 @@ class Supervisor:
         The window, seconds.
     heartbeat_timeout_s : float or None
         A stage whose heartbeat is older is killed and restarted.
+    min_free_bytes : int
+        Free space the data directory must have for a new run to start
+        (default :data:`MIN_FREE_BYTES`).
 
     Notes
     -----
@@ -69,8 +78,10 @@ class Supervisor:
         max_restarts: int = 5,
         restart_window_s: float = 60.0,
         heartbeat_timeout_s: float | None = 30.0,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.min_free_bytes = min_free_bytes
         self.runs_dir = self.data_dir / RUNS_DIR
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.max_restarts = max_restarts
@@ -113,8 +124,21 @@ class Supervisor:
             A denoise backend or model that cannot be used (before anything starts).
         RunStateError
             After :meth:`shutdown`.
+        OSError
+            ``ENOSPC`` when the data directory has less than ``min_free_bytes``
+            free.
         """
         model_path = check_denoise(options.denoise, options.model, options.config_file)
+        free = shutil.disk_usage(self.data_dir).free
+        if free < self.min_free_bytes:
+            # A run started on a nearly full disk fails at its first frames, and
+            # leaves a run directory that cannot even hold its error output.
+            raise OSError(
+                errno.ENOSPC,
+                f"{free / 2**20:.1f} MiB free, a run needs at least "
+                f"{self.min_free_bytes / 2**20:.0f} MiB",
+                str(self.data_dir),
+            )
         with self._lock:
             if self._closed:
                 raise RunStateError("the daemon is shutting down; no new runs")

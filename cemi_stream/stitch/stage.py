@@ -361,9 +361,14 @@ def run_stitch(
     try:
         stats.start()
         curve = local_client(config.bus.curve_dir)
+        period = 1.0 / cfg.max_fps if cfg.max_fps > 0 else 0.0
+        next_due = time.monotonic()
         for seq, frame in frames_in_order(frames_dir, 0, pipe, wait_s=wait_s, curve=curve):
             if stop.is_set():
                 break
+            if period:  # stitch.max_fps: a fixed schedule, no bursts after a wait
+                next_due = max(next_due + period, time.monotonic())
+                stop.wait(max(next_due - time.monotonic(), 0.0))
             if tracker is None or renderer is None:
                 if pixel_size_um is None and frame.meta.pixel_size_nm:
                     pixel_size_um = frame.meta.pixel_size_nm / 1000.0

@@ -3,11 +3,14 @@
 ``sim:`` (or ``sim:?rows=2&noise=hd&video=1``) in any source string opens a
 :class:`SimSource`; it produces the frames of a stage traversal over a
 procedural eutectic (or a mirror-tiled micrograph) through a calibrated SEM
-imaging model, and knows the true position of every frame.
+imaging model, and knows the true position of every frame.  With
+``live=FPS`` it is a live device instead (:class:`drivers.live.LiveDevice`):
+frames come on the device's clock and a reader that falls behind loses some.
 """
 
 from __future__ import annotations
 
+from drivers.live import LiveDevice
 from drivers.registry import SourceUri, register
 
 from .config import SimConfig, config_from_options
@@ -41,7 +44,7 @@ __all__ = [
     claims=lambda u: u.scheme == "sim",
     description="virtual SEM: simulated stage traversal over a procedural or image specimen",
 )
-def open_sim(uri: SourceUri) -> SimSource:
+def open_sim(uri: SourceUri) -> SimSource | LiveDevice:
     """Registry factory: a :class:`SimSource` from ``sim:?key=value`` options.
 
     Parameters
@@ -53,8 +56,8 @@ def open_sim(uri: SourceUri) -> SimSource:
 
     Returns
     -------
-    SimSource
-        Not yet opened.
+    SimSource or LiveDevice
+        Not yet opened; with ``live=FPS`` the virtual SEM as a live device.
 
     Raises
     ------
@@ -64,4 +67,6 @@ def open_sim(uri: SourceUri) -> SimSource:
     options = dict(uri.options)
     if uri.target and "source" not in options:
         options["source"] = uri.target
-    return SimSource(config_from_options(options), uri=uri.raw)
+    config = config_from_options(options)
+    sim = SimSource(config, uri=uri.raw)
+    return LiveDevice(sim, config.live, config.live_buffer) if config.live > 0 else sim

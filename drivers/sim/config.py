@@ -64,6 +64,12 @@ class SimConfig:
         Pixel size in nanometres (converts stage positions to micrometres).
     report_stage : bool
         Put the commanded stage position in the frame metadata.
+    live : float
+        Frames per second of a live device (:class:`drivers.live.LiveDevice`):
+        frames are acquired on the device's clock whether read or not, and a
+        reader that falls behind loses the oldest; 0 = a replay source.
+    live_buffer : int
+        Frames the live device's ring buffer holds.
     """
 
     rows: int = 3
@@ -86,6 +92,8 @@ class SimConfig:
     databar: bool = False
     pixel_size_nm: float = 220.0
     report_stage: bool = True
+    live: float = 0.0
+    live_buffer: int = 4
 
     def __post_init__(self) -> None:
         for name in ("serpentine", "video", "databar", "report_stage"):
@@ -97,6 +105,7 @@ class SimConfig:
             ("frame_width", 16, _MAX_FRAME_SIDE),
             ("frame_height", 16, _MAX_FRAME_SIDE),
             ("seed", 0, 2**63 - 1),
+            ("live_buffer", 1, 100_000),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -113,6 +122,7 @@ class SimConfig:
             ("backlash_px", 0.0, 10_000.0, False),
             ("drift_px_per_frame", 0.0, 1_000.0, False),
             ("pixel_size_nm", 0.0, 1e9, True),
+            ("live", 0.0, 10_000.0, False),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):

@@ -166,6 +166,19 @@ def test_live_source_is_decimated_not_slowed() -> None:
     # About 4 device frames per delivered one; the dropped ones leave gaps.
     assert indices[-1] >= 20
     assert all(b > a for a, b in itertools.pairwise(indices))
+    # Every frame left out is counted (the capture records each as `decimated`).
+    assert paced.decimated == indices[-1] + 1 - len(indices)
+
+
+def test_fast_forward_hands_out_skipped_frames_unpaced() -> None:
+    clock = FakeClock()
+    paced = PacedSource(ListSource(6), 2.0, False, clock=clock, sleep=clock.sleep)
+    paced.fast_forward(4)  # a resumed capture skips what it had spooled
+    paced.open()
+    assert [f.meta.src_index for f in read_n(paced, 4)] == [0, 1, 2, 3]
+    assert clock.sleeps == []
+    assert [f.meta.src_index for f in read_n(paced, 5)] == [4, 5]
+    assert clock.sleeps == [pytest.approx(0.5)] * 2  # back on the schedule after them
 
 
 def test_live_native_is_not_throttled() -> None:

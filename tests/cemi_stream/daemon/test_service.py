@@ -343,3 +343,66 @@ def test_kill_9_of_the_daemon_stops_its_stages_and_resume_completes_the_run(
     finally:
         assert again.terminate() == 0
     assert processes_under(data, timeout_s=5) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs as the daemon's data directory (needs the right to mount)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(data)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'not root'}")
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_a_full_disk_fails_the_run_clearly_and_the_daemon_serves_on(small_disk: Path) -> None:
+    """Frames of 512 x 384 (~190 kB each) overflow 48 MiB: the stage that hits the full disk
+    fails the run at once (no restart loop), with the reason; what was spooled and
+    journaled reads back whole; the daemon goes on answering, and refuses a new run
+    (507) while the disk is full."""
+    from cemi_stream.capture.spool import SpoolReader
+    from cemi_stream.stitch.journal import read_journal
+
+    d = Daemon(small_disk)
+    try:
+        created = d.post(
+            "/api/runs",
+            json={"source": "sim:?rows=6&frames_per_row=80&frame_size=512x384&seed=3",
+                  "pace": "max"},
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        info = d.wait_state(run_id, ("finished", "failed", "interrupted"), 120)
+        assert info["state"] == "failed", info
+        assert "No space left on device" in info["reason"], info["reason"]
+        assert "gave up" not in info["reason"]  # failed at once, not after restarts
+        culprit = next(s for s in info["stages"].values() if s["state"] == "failed")
+        assert culprit["restarts"] == 0 and "No space left" in culprit["last_error"]
+        # The spool and the journal are consistent: every spooled frame reads back,
+        # every committed placement is of a spooled frame, in order.
+        run_dir = Path(info["run_dir"])
+        spool = SpoolReader(run_dir)
+        assert 0 < len(spool) < 480
+        for seq in range(len(spool)):
+            assert spool.image(seq).shape == (384, 512)
+        placements = read_journal(run_dir)
+        assert [p.seq for p in placements] == list(range(len(placements)))
+        assert len(placements) <= len(spool)
+        # Still serving, reads and writes answered with a reason.
+        assert d.get("/api/health").status_code == 200
+        assert d.get(f"/api/runs/{run_id}").json()["state"] == "failed"
+        again = d.post("/api/runs", json={"source": SOURCE, "pace": "max"})
+        assert again.status_code == 507, again.text
+        assert "MiB free, a run needs at least 32 MiB" in again.json()["error"]
+        assert d.proc.poll() is None
+        assert processes_under(small_disk) == []
+    finally:
+        code = d.terminate()
+    assert code == 0, d.serve_log()[-3000:]
