@@ -164,6 +164,7 @@ def run_capture(
         )
         logging.getLogger().addHandler(log_handler)
         info = source.info
+        stats.set_extra(frames_total=info.frame_count)  # progress and ETA of file sources
         front = FrontEnd(
             config.capture, video_like=info.video_like, significant_bits=info.significant_bits
         )

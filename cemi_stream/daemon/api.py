@@ -71,6 +71,11 @@ from .options import RunOptions
 
 log = logging.getLogger(__name__)
 
+#: The dashboard's token cookie (set by ``GET /login``) and the header a write
+#: made with it must carry (see :mod:`cemi_stream.dashboard.routes`).
+DASHBOARD_COOKIE = "cemi_token"
+CSRF_HEADER = "x-cemi-csrf"
+
 #: Largest accepted request body, bytes (run options are a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 #: Most runs active (starting, running, stopping) at once.
@@ -472,10 +477,25 @@ def create_app(
     )
     app.state.counters = counts
 
+    def token_ok(given: str) -> bool:
+        return hmac.compare_digest(given.strip().encode("latin-1", "replace"), expected)
+
     def authorize(request: Request, *, write: bool) -> None:
         if public_read and not write:
             return
         header = request.headers.get("authorization")
+        if header is None and DASHBOARD_COOKIE in request.cookies:
+            # The dashboard's pages: the token kept by GET /login.  A write also
+            # needs a header that only a script of this origin can add.
+            if write and request.headers.get(CSRF_HEADER) != "1":
+                raise ApiError(
+                    "missing_token",
+                    f"a write with the {DASHBOARD_COOKIE} cookie needs the header "
+                    f"{CSRF_HEADER}: 1 (or send 'Authorization: Bearer <token>')",
+                )
+            if not token_ok(request.cookies[DASHBOARD_COOKIE]):
+                raise ApiError("bad_token", f"cookie {DASHBOARD_COOKIE}: wrong token")
+            return
         if header is None:
             raise ApiError(
                 "missing_token",
@@ -642,6 +662,18 @@ def create_app(
                                 run.get("id"), exc)  # fmt: skip
         body = render_metrics(runs, stats, extra=[ApiCollector(counts)])
         return Response(body, media_type=CONTENT_TYPE)
+
+    from ..dashboard.routes import mount_dashboard
+
+    app.state.dashboard = mount_dashboard(
+        app,
+        supervisor=supervisor,
+        authorize=authorize,
+        check_run_id=check_run_id,
+        error=ApiError,
+        token_ok=token_ok,
+        data_dir=data_path,
+    )
 
     # Outermost of the user middleware: it sees every request and every escaped exception.
     app.add_middleware(_Guard, counters=counts, max_body_bytes=max_body_bytes)

@@ -1,0 +1,325 @@
+"""Deep-zoom tiles of a run's mosaic, rendered by the daemon from the OME-Zarr on disk.
+
+The stitcher writes the mosaic's level-0 chunks (:mod:`cemi_stream.stitch.chunks`)
+atomically, one file per chunk, while the run goes on; the finalised mosaic
+adds the pyramid.  The dashboard never asks the stitcher for anything: it
+reads those files, so watching a run costs the acquisition nothing but disk
+reads.
+
+Tile grid
+---------
+Tiles are :data:`TILE_PX` square and live on one global grid in *mosaic
+pixels* (:mod:`cemi_stream.stitch.mosaic`), the same while the run is live
+and after it is finalised (the finalisation moves chunk files, not pixels).
+Tile ``(k, tx, ty)`` covers mosaic pixels ``[tx * S, (tx + 1) * S) x
+[ty * S, (ty + 1) * S)`` with ``S = TILE_PX * 2**k``, downsampled ``2**k``
+times (block means, as the pyramid).  ``tx``/``ty`` may be negative.
+
+Versions
+--------
+:class:`ChunkIndex` keeps the modification time (µs) of every level-0 chunk
+file; a tile's version is the newest time of the chunks it covers.  Tile URLs
+carry it (``?v=``), so a browser caches a tile for good and fetches it again
+only when one of its chunks was rewritten; the changed chunks are what the
+run's event feed announces (:mod:`cemi_stream.dashboard.feed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..errors import CemiError
+from ..stitch.mosaic import ATTRS_KEY, MosaicError, open_mosaic
+
+log = logging.getLogger(__name__)
+
+TILE_PX = 512
+#: Coarsest zoom exponent served (one tile spans 512 * 2**20 px: far beyond any mosaic).
+MAX_LEVEL = 20
+MOSAIC_DIR = "mosaic.ome.zarr"
+
+
+class TileError(CemiError):
+    """A tile that cannot be served (out of range, mosaic unreadable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MosaicState:
+    """What :class:`ChunkIndex` knows of a mosaic.
+
+    Attributes
+    ----------
+    state : str
+        ``none`` (no mosaic yet), ``live``, ``finalizing`` or ``final``.
+    unit_px : int
+        Side of a level-0 chunk, pixels.
+    origin_xy : (int, int)
+        Mosaic pixel of level-0 array element ``(0, 0)``.
+    pixel_size_um : float or None
+        Level-0 pixel size, micrometres.
+    frame_shape : (int, int) or None
+        ``(height, width)`` of the frames, pixels.
+    levels : int
+        Pyramid levels on disk (1 while live).
+    """
+
+    state: str = "none"
+    unit_px: int = 1024
+    origin_xy: tuple[int, int] = (0, 0)
+    pixel_size_um: float | None = None
+    frame_shape: tuple[int, int] | None = None
+    levels: int = 0
+
+
+def _read_state(path: Path) -> MosaicState:
+    import json
+
+    try:
+        group = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        meta = group["attributes"][ATTRS_KEY]["mosaic"]
+        state = str(meta["state"])
+        origin = tuple(int(v) for v in meta["origin_xy_px"])
+        unit = int(meta.get("shard_px") or meta["chunk_px"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return MosaicState()
+    shape = meta.get("frame_shape")
+    levels = sum(1 for k in range(32) if (path / str(k) / "zarr.json").is_file())
+    return MosaicState(
+        state=state,
+        unit_px=unit,
+        origin_xy=(origin[0], origin[1]),
+        pixel_size_um=meta.get("pixel_size_um"),
+        frame_shape=(int(shape[0]), int(shape[1])) if isinstance(shape, list) else None,
+        levels=levels,
+    )
+
+
+class ChunkIndex:
+    """The level-0 chunk files of a mosaic and their versions, kept up to date by :meth:`scan`.
+
+    Parameters
+    ----------
+    mosaic_dir : Path
+        The mosaic's zarr group (``RUN_DIR/mosaic.ome.zarr``).
+
+    Notes
+    -----
+    Chunk ``(cx, cy)`` is the unit covering mosaic pixels ``[cx * U, (cx + 1) * U)
+    x [cy * U, (cy + 1) * U)`` (the live and the final origins are unit-aligned).
+    :meth:`scan` reads only the chunk rows whose folder changed since the last
+    scan (a chunk file is renamed into place, which changes its folder).
+    """
+
+    def __init__(self, mosaic_dir: Path) -> None:
+        self.path = Path(mosaic_dir)
+        self.mosaic = MosaicState()
+        self.versions: dict[tuple[int, int], int] = {}
+        self._row_mtimes: dict[str, int] = {}
+        self._group_mtime = -1
+        self._lock = threading.Lock()
+
+    def scan(self) -> dict[tuple[int, int], int]:
+        """Look at the files again; returns the chunks new or rewritten since the last scan."""
+        with self._lock:
+            try:
+                group_mtime = (self.path / "zarr.json").stat().st_mtime_ns
+            except OSError:
+                return {}
+            if group_mtime != self._group_mtime:
+                state = _read_state(self.path)
+                if state.state == "finalizing":
+                    return {}  # chunk files are being moved: keep what we know
+                old = (self.mosaic.state, self.mosaic.origin_xy)
+                relaid = (state.state, state.origin_xy) != old
+                self.mosaic = state
+                self._group_mtime = group_mtime
+                if relaid:
+                    self._row_mtimes.clear()  # every chunk has another file index now
+            if self.mosaic.state not in ("live", "final"):
+                return {}
+            changed: dict[tuple[int, int], int] = {}
+            seen: dict[tuple[int, int], int] = {}
+            rows_dir = self.path / "0" / "c"
+            unit = self.mosaic.unit_px
+            ox, oy = self.mosaic.origin_xy
+            try:
+                rows = list(os.scandir(rows_dir))
+            except OSError:
+                return {}
+            full = not self._row_mtimes
+            for row in rows:
+                if not row.name.isdigit():
+                    continue
+                try:
+                    mtime = row.stat().st_mtime_ns
+                except OSError:
+                    continue
+                if not full and self._row_mtimes.get(row.name) == mtime:
+                    continue
+                self._row_mtimes[row.name] = mtime
+                iy = int(row.name)
+                try:
+                    entries = list(os.scandir(row.path))
+                except OSError:
+                    continue
+                for entry in entries:
+                    if not entry.name.isdigit():
+                        continue
+                    try:
+                        version = entry.stat().st_mtime_ns // 1000
+                    except OSError:
+                        continue
+                    key = (ox // unit + int(entry.name), oy // unit + iy)
+                    seen[key] = version
+            if full:
+                self.versions = {}
+            for key, version in seen.items():
+                if self.versions.get(key) != version:
+                    changed[key] = version
+                    self.versions[key] = version
+            return changed
+
+    def bounds(self) -> tuple[int, int, int, int] | None:
+        """``(x0, y0, x1, y1)`` in mosaic pixels of the chunks written so far, or None."""
+        with self._lock:
+            if not self.versions:
+                return None
+            unit = self.mosaic.unit_px
+            xs = [k[0] for k in self.versions]
+            ys = [k[1] for k in self.versions]
+            return min(xs) * unit, min(ys) * unit, (max(xs) + 1) * unit, (max(ys) + 1) * unit
+
+    def version(self, level: int, tx: int, ty: int) -> int:
+        """Version of tile ``(level, tx, ty)``: the newest of its chunks (0 when none)."""
+        span = TILE_PX * 2**level
+        unit = self.mosaic.unit_px
+        cx0, cy0 = (tx * span) // unit, (ty * span) // unit
+        cx1, cy1 = -(-((tx + 1) * span) // unit), -(-((ty + 1) * span) // unit)
+        with self._lock:
+            if (cx1 - cx0) * (cy1 - cy0) <= len(self.versions):
+                got = (
+                    self.versions.get((cx, cy), 0)
+                    for cy in range(cy0, cy1)
+                    for cx in range(cx0, cx1)
+                )
+            else:
+                got = (
+                    v for (cx, cy), v in self.versions.items()
+                    if cx0 <= cx < cx1 and cy0 <= cy < cy1
+                )  # fmt: skip
+            return max(got, default=0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The index as the event feed sends it: unit, state, and ``[cx, cy, version]`` rows."""
+        with self._lock:
+            return {
+                "unit_px": self.mosaic.unit_px,
+                "state": self.mosaic.state,
+                "chunks": [[cx, cy, v] for (cx, cy), v in sorted(self.versions.items())],
+            }
+
+
+class TileRenderer:
+    """Tiles of one mosaic, with a bounded cache of tile arrays keyed by version.
+
+    Parameters
+    ----------
+    index : ChunkIndex
+        The mosaic's chunk index (scanned by the caller; :meth:`render` scans
+        it when it has never been).
+    cache_bytes : int
+        Most bytes of tile arrays kept (least recently used dropped first).
+    """
+
+    def __init__(self, index: ChunkIndex, cache_bytes: int = 64 * 2**20) -> None:
+        self.index = index
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[int, int, int], tuple[int, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
+        self._views: dict[int, Any] = {}
+        self._views_key: tuple[str, tuple[int, int], int] | None = None
+        self._lock = threading.Lock()
+
+    def _view(self, level: int) -> Any:
+        m = self.index.mosaic
+        key = (m.state, m.origin_xy, m.levels)
+        if key != self._views_key:
+            self._views = {}
+            self._views_key = key
+        if level not in self._views:
+            self._views[level] = open_mosaic(self.index.path, level)
+        return self._views[level]
+
+    def _get(self, key: tuple[int, int, int], version: int) -> np.ndarray | None:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None or hit[0] != version:
+                return None
+            self._cache.move_to_end(key)
+            return hit[1]
+
+    def _put(self, key: tuple[int, int, int], version: int, tile: np.ndarray) -> None:
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cached_bytes -= old[1].nbytes
+            self._cache[key] = (version, tile)
+            self._cached_bytes += tile.nbytes
+            while self._cached_bytes > self.cache_bytes and self._cache:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._cached_bytes -= dropped.nbytes
+
+    def tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """Tile ``(level, tx, ty)`` as uint8 ``(TILE_PX, TILE_PX)`` ``(y, x)``; zeros where empty.
+
+        Raises
+        ------
+        TileError
+            A level outside ``0..MAX_LEVEL``, or the mosaic cannot be read.
+        """
+        if not 0 <= level <= MAX_LEVEL:
+            raise TileError(f"tile level {level}: outside 0..{MAX_LEVEL}")
+        version = self.index.version(level, tx, ty)
+        if version == 0:
+            return np.zeros((TILE_PX, TILE_PX), np.uint8)
+        key = (level, tx, ty)
+        hit = self._get(key, version)
+        if hit is not None:
+            return hit
+        m = self.index.mosaic
+        span = TILE_PX * 2**level
+        try:
+            if level == 0 or (m.state == "final" and level < m.levels):
+                view = self._view(level)
+                out = view.region(tx * span, ty * span, (tx + 1) * span, (ty + 1) * span)
+                out = np.ascontiguousarray(out[:TILE_PX, :TILE_PX])
+            else:
+                out = np.zeros((TILE_PX, TILE_PX), np.uint8)
+                half = TILE_PX // 2
+                for dy in (0, 1):
+                    for dx in (0, 1):
+                        child = self.tile(level - 1, 2 * tx + dx, 2 * ty + dy)
+                        if child.any():
+                            out[dy * half : (dy + 1) * half, dx * half : (dx + 1) * half] = (
+                                cv2.resize(child, (half, half), interpolation=cv2.INTER_AREA)
+                            )
+        except (MosaicError, OSError, ValueError, KeyError) as exc:
+            raise TileError(f"{self.index.path}: cannot read tile {key} ({exc})") from exc
+        self._put(key, version, out)
+        return out
+
+    def png(self, level: int, tx: int, ty: int) -> bytes:
+        """Tile ``(level, tx, ty)`` encoded as PNG (fast compression: tiles are many)."""
+        ok, buf = cv2.imencode(".png", self.tile(level, tx, ty), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise TileError(f"tile {(level, tx, ty)}: PNG encoding failed")
+        return bytes(buf)
