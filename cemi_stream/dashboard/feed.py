@@ -187,9 +187,9 @@ class RunFeed:
         except Exception as exc:  # a run that vanished: nothing more to tell
             log.debug("feed %s: %s", self.run_id, exc)
             return
+        changed = self.chunks.scan()  # first: the refined positions need the final origin
         self._poll_run(run)
         self._poll_frames(run)
-        changed = self.chunks.scan()
         if changed:
             rows = [[cx, cy, v] for (cx, cy), v in sorted(changed.items())]
             m = self.chunks.mosaic
@@ -246,9 +246,10 @@ class RunFeed:
     def _poll_frames(self, run: dict[str, Any]) -> None:
         new: list[list[Any]] = []
         final_positions = self.run_dir / "positions.csv"
-        if run.get("state") == "finished" and not self._positions_final:
+        if self._positions_final:
+            return  # the refined positions are all there is to tell
+        if run.get("state") == "finished":
             # Finalised: the refined positions (level-0 array pixels + the origin).
-            self.chunks.scan()
             if self.chunks.mosaic.state == "final" and final_positions.is_file():
                 ox, oy = self.chunks.mosaic.origin_xy
                 refined: dict[int, list[Any]] = {}

@@ -60,9 +60,11 @@ _KEEPALIVE_S = 10.0
 Authorize = Callable[..., None]
 
 
-def _int(text: str, what: str, error: Callable[[str, str], Exception]) -> int:
+def _int(
+    text: str, what: str, error: Callable[[str, str], Exception], reason: str = "not_found"
+) -> int:
     if not _INT.match(text):
-        raise error("not_found", f"{what} {text[:20]!r}: not an integer")
+        raise error(reason, f"{what} {text[:20]!r}: not an integer")
     return int(text)
 
 
@@ -210,7 +212,7 @@ def mount_dashboard(
         authorize(request, write=False)
         feed = await run_in_threadpool(run_feed, run_id)
         last = request.headers.get("last-event-id") or after
-        cursor = _int(last, "Last-Event-ID", error) if last not in (None, "") else None
+        cursor = _int(last, "Last-Event-ID", error, "http_error") if last else None
 
         async def stream() -> AsyncIterator[str]:
             nonlocal cursor
