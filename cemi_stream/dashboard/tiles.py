@@ -237,14 +237,36 @@ class TileRenderer:
         The mosaic's chunk index (scanned by the caller; :meth:`render` scans
         it when it has never been).
     cache_bytes : int
-        Most bytes of tile arrays kept (least recently used dropped first).
+        Most bytes of tile arrays of levels 0 and 1 kept (least recently used
+        dropped first).
+    coarse_cache_bytes : int
+        The same for levels >= 2.  These are few (a quarter of the level
+        below, each) and each one stands for many chunk reads, so they get a
+        budget of their own: a chunk rewritten while a whole paper-sized
+        mosaic is in view then costs one chunk read and a resize per level,
+        not a read of every chunk.
+
+    Notes
+    -----
+    Level 0 and 1 tiles are read from level 0 (one tile of level 1 is one
+    1024 px chunk at the default chunk size); coarser ones are composed of
+    their four children, or read from the finalised pyramid when it has the
+    level.
     """
 
-    def __init__(self, index: ChunkIndex, cache_bytes: int = 64 * 2**20) -> None:
+    def __init__(
+        self,
+        index: ChunkIndex,
+        cache_bytes: int = 64 * 2**20,
+        coarse_cache_bytes: int = 128 * 2**20,
+    ) -> None:
         self.index = index
         self.cache_bytes = cache_bytes
+        self.coarse_cache_bytes = coarse_cache_bytes
         self._cache: OrderedDict[tuple[int, int, int], tuple[int, np.ndarray]] = OrderedDict()
+        self._coarse: OrderedDict[tuple[int, int, int], tuple[int, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
+        self._coarse_bytes = 0
         self._views: dict[int, Any] = {}
         self._views_key: tuple[str, tuple[int, int], int] | None = None
         self._lock = threading.Lock()
@@ -260,23 +282,32 @@ class TileRenderer:
         return self._views[level]
 
     def _get(self, key: tuple[int, int, int], version: int) -> np.ndarray | None:
+        cache = self._coarse if key[0] >= 2 else self._cache
         with self._lock:
-            hit = self._cache.get(key)
+            hit = cache.get(key)
             if hit is None or hit[0] != version:
                 return None
-            self._cache.move_to_end(key)
+            cache.move_to_end(key)
             return hit[1]
 
     def _put(self, key: tuple[int, int, int], version: int, tile: np.ndarray) -> None:
+        coarse = key[0] >= 2
+        cache = self._coarse if coarse else self._cache
+        budget = self.coarse_cache_bytes if coarse else self.cache_bytes
         with self._lock:
-            old = self._cache.pop(key, None)
+            used = self._coarse_bytes if coarse else self._cached_bytes
+            old = cache.pop(key, None)
             if old is not None:
-                self._cached_bytes -= old[1].nbytes
-            self._cache[key] = (version, tile)
-            self._cached_bytes += tile.nbytes
-            while self._cached_bytes > self.cache_bytes and self._cache:
-                _, (_, dropped) = self._cache.popitem(last=False)
-                self._cached_bytes -= dropped.nbytes
+                used -= old[1].nbytes
+            cache[key] = (version, tile)
+            used += tile.nbytes
+            while used > budget and cache:
+                _, (_, dropped) = cache.popitem(last=False)
+                used -= dropped.nbytes
+            if coarse:
+                self._coarse_bytes = used
+            else:
+                self._cached_bytes = used
 
     def tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         """Tile ``(level, tx, ty)`` as uint8 ``(TILE_PX, TILE_PX)`` ``(y, x)``; zeros where empty.
@@ -302,6 +333,11 @@ class TileRenderer:
                 view = self._view(level)
                 out = view.region(tx * span, ty * span, (tx + 1) * span, (ty + 1) * span)
                 out = np.ascontiguousarray(out[:TILE_PX, :TILE_PX])
+            elif level == 1:
+                region = self._view(0).region(
+                    tx * span, ty * span, (tx + 1) * span, (ty + 1) * span
+                )
+                out = cv2.resize(region, (TILE_PX, TILE_PX), interpolation=cv2.INTER_AREA)
             else:
                 out = np.zeros((TILE_PX, TILE_PX), np.uint8)
                 half = TILE_PX // 2

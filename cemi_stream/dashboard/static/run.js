@@ -10,6 +10,9 @@
     run: null, frames: new Map(), frameShape: null, pixelUm: null,
     unit: 1024, chunks: new Map(), mosaicState: "none",
     history: [], alerts: [], lastSeq: 0, events: 0,
+    // When things happened, for the benchmark and the tests (ms since navigation;
+    // chunkLog: [receipt epoch ms, cx, cy, version] of the last chunk notices).
+    snapshotAt: null, tilesLoadedAt: null, chunkLog: [],
   };
   window.cemiRun = state;  // for the browser tests and for curious users
   document.getElementById("title").textContent = runId;
@@ -23,6 +26,7 @@
     gestureSettingsMouse: { clickToZoom: false }, immediateRender: true,
     preserveImageSizeOnResize: true,
   });
+  window.cemiViewer = viewer;
   let world = null;   // {x0, y0, w, h, maxK, bounds}
   let reopenPending = false, resetPending = false;
 
@@ -89,6 +93,10 @@
       },
     });
     viewer.addOnceHandler("open", () => {
+      const item = viewer.world.getItemAt(0);
+      item.addHandler("fully-loaded-change", (e) => {
+        if (e.fullyLoaded && state.tilesLoadedAt === null) state.tilesLoadedAt = performance.now();
+      });
       const vp = viewer.viewport;
       const fit = (r) => vp.fitBounds(vp.imageToViewportRectangle(r.x - w.x0, r.y - w.y0, r.w, r.h), true);
       const b = w.bounds;
@@ -106,7 +114,10 @@
     state.unit = unit || state.unit;
     state.mosaicState = mstate || state.mosaicState;
     let grew = false;
+    if (state.chunkLog.length > 20000) state.chunkLog.splice(0, 10000);
+    const now = Date.now();
     for (const [cx, cy, v] of rows) {
+      state.chunkLog.push([now, cx, cy, v]);
       const key = cx + "," + cy;
       if (!state.chunks.has(key)) grew = true;
       state.chunks.set(key, v);
@@ -266,6 +277,7 @@
       setFrames(d.frames, true);
       onChunks(d.mosaic.chunks, d.mosaic.unit_px, d.mosaic.state);
       renderRun(); renderCharts(); renderAlerts(); renderKeyframes();
+      if (state.snapshotAt === null) state.snapshotAt = performance.now();
     },
     run(d) { state.run = d; renderRun(); },
     frames(d) { setFrames(d.frames, d.replace); },
