@@ -124,7 +124,7 @@ class RunFeed:
         self._positions_final = False
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_SAMPLES)
         self._alerts: deque[dict[str, Any]] = deque(maxlen=ALERTS_KEPT)
-        self._prev_stats: dict[str, dict[str, Any]] = {}
+        self._prev_stats: deque[dict[str, dict[str, Any]]] = deque(maxlen=8)
         self._seen_dropped: dict[str, int] = {}
         self._seen_restarts: dict[str, int] = {}
         self._disk_low = False
@@ -315,16 +315,19 @@ class RunFeed:
         except Exception:  # statistics are best effort; the run object has the rest
             return
         sample: dict[str, Any] = {"t": round(time.time(), 3), "stages": {}}
+        # Mean processing time over the last ~2 s (a slow stage may have no frame
+        # in one poll interval).
+        before = self._prev_stats[0] if self._prev_stats else {}
         for name, cur in stats.items():
             sample["stages"][name] = {
                 "fps": cur.get("frames_per_s"),
                 "queue": cur.get("queue_depth"),
-                "ms": _mean_ms(self._prev_stats.get(name), cur),
+                "ms": _mean_ms(before.get(name), cur),
                 "in": cur.get("frames_in"),
                 "out": cur.get("frames_out"),
                 "total": cur.get("frames_total"),
             }
-        self._prev_stats = stats
+        self._prev_stats.append(stats)
         with self._lock:
             self._history.append(sample)
         self._emit("stats", sample)

@@ -174,10 +174,23 @@
     const p = viewer.viewport.viewerElementToImageCoordinates(ev.position);
     const x = p.x + world.x0, y = p.y + world.y0;
     const [fh, fw] = state.frameShape;
-    let hit = null;
-    for (const f of state.frames.values()) if (x >= f[1] && x < f[1] + fw && y >= f[2] && y < f[2] + fh) hit = f;
+    // Frames overlap: the one whose centre is nearest the click.
+    let hit = null, best = Infinity;
+    for (const f of state.frames.values()) {
+      if (x < f[1] || x >= f[1] + fw || y < f[2] || y >= f[2] + fh) continue;
+      const d = (x - f[1] - fw / 2) ** 2 + (y - f[2] - fh / 2) ** 2;
+      if (d < best) { best = d; hit = f; }
+    }
     if (hit) showFrame(hit);
   });
+  // Where the centre of frame `seq` is on the viewer, in element pixels (tests, tools).
+  window.cemiFramePoint = (seq) => {
+    const f = state.frames.get(seq);
+    if (!f || !world || !state.frameShape) return null;
+    const p = viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(
+      f[1] + state.frameShape[1] / 2 - world.x0, f[2] + state.frameShape[0] / 2 - world.y0));
+    return [p.x, p.y];
+  };
   function hasDenoise() { return !!(state.run && state.run.stages && state.run.stages.denoise); }
   function showFrame(f) {
     document.getElementById("frame-panel").hidden = false;

@@ -188,6 +188,22 @@ def test_the_run_page_follows_a_run_live(served: tuple[Serve, int], browser: Any
     assert counts["placed"] + counts["predicted"] == n_frames and counts["predicted"] >= 1
     final = viewer_pixels(browser, tmp_path / "final.png")
     assert lit_fraction(final) > 0.1
+    # A click on a frame shows it (raw) with its status and registration score.
+    cx, cy = browser.execute_script("return window.cemiFramePoint(5)")
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    viewer = browser.find_element(By.ID, "viewer")
+    size = viewer.size
+    ActionChains(browser).move_to_element_with_offset(
+        viewer, int(cx - size["width"] / 2), int(cy - size["height"] / 2)
+    ).click().perform()
+    panel = wait(lambda: browser.find_element(By.ID, "frame-panel").is_displayed(), 10, "panel")
+    assert panel
+    assert browser.find_element(By.ID, "frame-seq").text == "5"
+    assert "registration score" in browser.find_element(By.ID, "frame-info").text
+    wait(lambda: browser.execute_script(
+        "const i = document.querySelector('#frame-images img');"
+        "return i && i.complete && i.naturalWidth === 384"), 10, "the raw frame image")  # fmt: skip
     shutil.copy(tmp_path / "final.png", tmp_path / "dashboard.png")
     if os.environ.get("CEMI_KEEP_SCREENSHOT"):
         browser.save_screenshot(os.environ["CEMI_KEEP_SCREENSHOT"])
