@@ -211,6 +211,7 @@ class DashboardClient(threading.Thread):
         self.requests = 0
         self.errors = 0
         self.frames_seq = -1
+        self.frames_fetched: set[int] = set()
 
     def _visible(self) -> list[tuple[int, int, int, int]]:
         if not self.versions:
@@ -240,7 +241,7 @@ class DashboardClient(threading.Thread):
             self.errors += 1
 
     def run(self) -> None:
-        last_fetch = 0.0
+        last_fetch = last_keyframes = 0.0
         dirty = False
         try:
             with self.http.stream("GET", f"/api/runs/{self.run_id}/events") as stream:
@@ -269,8 +270,12 @@ class DashboardClient(threading.Thread):
                             if self.fetched.get((k, tx, ty)) != v:  # else: browser cache
                                 self.fetched[(k, tx, ty)] = v
                                 self._get(f"/runs/{self.run_id}/tiles/{k}/{tx}/{ty}.png?v={v}")
+                    if now - last_keyframes > 1.0 and self.frames_seq >= 0:  # the page's pace
+                        last_keyframes = now
                         for seq in range(max(self.frames_seq - 2, 0), self.frames_seq + 1):
-                            self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png")
+                            if seq not in self.frames_fetched:  # else: browser cache
+                                self.frames_fetched.add(seq)
+                                self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png")
         except httpx.HTTPError:
             self.errors += 1
 

@@ -50,3 +50,7 @@ class RunStateError(CemiError):
 
 class DaemonError(CemiError):
     """The daemon cannot be reached, cannot start, or refused a request (its one-line error)."""
+
+
+class AnalysisError(CemiError):
+    """Microstructure analysis input or settings that cannot be used."""

@@ -46,6 +46,8 @@ TILE_PX = 512
 #: Coarsest zoom exponent served (one tile spans 512 * 2**20 px: far beyond any mosaic).
 MAX_LEVEL = 20
 MOSAIC_DIR = "mosaic.ome.zarr"
+#: PNG encodings of tiles kept (each ~50-250 kB).
+PNG_CACHE = 256
 
 
 class TileError(CemiError):
@@ -267,6 +269,7 @@ class TileRenderer:
         self._coarse: OrderedDict[tuple[int, int, int], tuple[int, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
         self._coarse_bytes = 0
+        self._pngs: OrderedDict[tuple[int, int, int, int], bytes] = OrderedDict()
         self._views: dict[int, Any] = {}
         self._views_key: tuple[str, tuple[int, int], int] | None = None
         self._lock = threading.Lock()
@@ -354,8 +357,23 @@ class TileRenderer:
         return out
 
     def png(self, level: int, tx: int, ty: int) -> bytes:
-        """Tile ``(level, tx, ty)`` encoded as PNG (fast compression: tiles are many)."""
+        """Tile ``(level, tx, ty)`` encoded as PNG (fast compression: tiles are many).
+
+        The last :data:`PNG_CACHE` encodings are kept by version: several pages
+        watching one run ask for the same tiles.
+        """
+        key = (level, tx, ty, self.index.version(level, tx, ty))
+        with self._lock:
+            hit = self._pngs.get(key)
+            if hit is not None:
+                self._pngs.move_to_end(key)
+                return hit
         ok, buf = cv2.imencode(".png", self.tile(level, tx, ty), [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             raise TileError(f"tile {(level, tx, ty)}: PNG encoding failed")
-        return bytes(buf)
+        body = bytes(buf)
+        with self._lock:
+            self._pngs[key] = body
+            while len(self._pngs) > PNG_CACHE:
+                self._pngs.popitem(last=False)
+        return body

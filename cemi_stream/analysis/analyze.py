@@ -1,0 +1,372 @@
+"""``analyze``: measure the microstructure of a mosaic or of images, tile by tile, on Dask.
+
+Each image is read as a Dask array (lazily, from its OME-Zarr level or its
+file), rechunked to the tile grid, and every tile is measured by
+:func:`measure_tile` in a task of its own: phase fraction
+(:mod:`~cemi_stream.analysis.phase`), lamellar fraction, width and count
+(:mod:`~cemi_stream.analysis.lamellae`).  Only the per-tile numbers come
+back, so memory stays bounded by a few tiles per worker whatever the
+mosaic's length; ``--scheduler`` picks threads (default), processes, or a
+Dask distributed scheduler at an address (the same graph, on a cluster).
+
+Outputs in ``DIR`` (contract): ``tiles.csv`` (one row per tile), ``maps/``
+(one heatmap per quantity and image), ``profiles.csv`` and ``profiles.png``
+(mean and spread along y per x-column), ``analysis.json`` (settings,
+versions, summaries, timing) and, with ``--property``, ``correlation.json``
+and ``correlation.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import AnalysisError
+from .correlate import correlate, read_property
+from .figures import draw_correlation, draw_map, draw_profiles
+from .tiling import Image, open_images, tile_grid, tile_size_px
+
+log = logging.getLogger(__name__)
+
+TILES_HEADER = (
+    "image,row,col,x_px,y_px,x_um,y_um,valid,phase_fraction,lamellar_fraction,"
+    "lamellar_width_px,lamellar_width_um,lamella_count"
+)
+#: Values per tile returned by :func:`measure_tile`, in order.
+MEASURES = ("valid", "phase_fraction", "lamellar_fraction", "lamellar_width_px", "lamella_count")
+#: A tile is valid when at least this fraction of it is specimen ...
+MIN_VALID_FRACTION = 0.5
+#: ... and its specimen pixels are not flat (standard deviation, grey levels of 8 bits).
+MIN_STD_8BIT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What to measure and how (the command line's options)."""
+
+    tile: tuple[int, int] | None = None
+    tile_um: tuple[float, float] | None = None
+    level: int = 0
+    phase: str = "dark"
+    method: str = "auto"
+    segmenter: str = "classical"
+    window: int | None = None
+    t: float = 0.15
+    scheduler: str = "threads"
+    pixel_size_um: float | None = None
+    property_csv: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _flat_std(image: np.ndarray) -> float:
+    scale = 255.0 / float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
+    return float(image.std()) * scale
+
+
+def measure_tile(
+    tile: np.ndarray, *, zero_is_outside: bool, phase: str, method: str, window: int | None,
+    t: float, segmenter: str,
+) -> np.ndarray:  # fmt: skip
+    """The numbers of one tile, in :data:`MEASURES` order (nan where not measured).
+
+    Parameters
+    ----------
+    tile : ndarray
+        2-D ``(y, x)`` pixels.
+    zero_is_outside : bool
+        0 means "not specimen" (a mosaic's uncovered area).
+    phase, method, window, t
+        Phase-fraction settings (:func:`cemi_stream.analysis.phase.phase_fraction`).
+    segmenter : str
+        ``classical`` (the structure-tensor detector) or ``none`` (no lamellar
+        measures).
+    """
+    from .lamellae import lamellar_mask, lamellar_stats
+    from .phase import phase_fraction
+
+    out = np.full(len(MEASURES), np.nan)
+    valid = tile > 0 if zero_is_outside else None
+    n_valid = int(valid.sum()) if valid is not None else tile.size
+    if n_valid < MIN_VALID_FRACTION * tile.size:
+        out[0] = 0.0
+        return out
+    pixels = tile[valid] if valid is not None else tile
+    if _flat_std(pixels) < MIN_STD_8BIT:
+        out[0] = 0.0
+        return out
+    out[0] = 1.0
+    out[1] = phase_fraction(tile, valid, method=method, phase=phase, window=window, t=t)
+    if segmenter == "classical":
+        mask = lamellar_mask(tile, valid)
+        stats = lamellar_stats(tile, mask, valid)
+        out[2] = stats.lamellar_fraction
+        out[3] = stats.width_px
+        out[4] = stats.count
+    return out
+
+
+def _measure_block(block: np.ndarray, **kw: Any) -> np.ndarray:
+    return measure_tile(np.ascontiguousarray(block), **kw).reshape(1, 1, len(MEASURES))
+
+
+class _Progress:
+    """Counts finished tile tasks of a local Dask scheduler into a progress bar."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        from dask.callbacks import Callback
+
+        from ..progress import Progress
+
+        bar = Progress(label, total, enabled=enabled)
+        done = [0]
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if isinstance(key, tuple) and str(key[0]).startswith("measure"):
+                done[0] += 1
+                bar.update(done[0], "tiles")
+
+        self.callback = Callback(posttask=posttask)
+        self.bar = bar
+
+
+def _compute(images: list[Image], w: int, h: int, s: Settings) -> list[np.ndarray]:
+    """Per image the ``(rows, cols, len(MEASURES))`` array of tile numbers."""
+    import dask
+    import dask.array as da
+
+    graphs = []
+    total = 0
+    for im in images:
+        arr = im.array.rechunk((h, w))
+        graphs.append(
+            da.map_blocks(
+                _measure_block,
+                arr,
+                dtype=float,
+                chunks=(1, 1, len(MEASURES)),
+                new_axis=2,
+                name=f"measure-{im.name}-{w}x{h}",
+                zero_is_outside=im.zero_is_outside,
+                phase=s.phase,
+                method=s.method,
+                window=s.window,
+                t=s.t,
+                segmenter=s.segmenter,
+            )
+        )
+        total += int(np.prod(arr.numblocks))
+    if s.scheduler in ("threads", "processes", "sync"):
+        progress = _Progress(total, "analyze", s.progress)
+        with progress.callback:
+            results = dask.compute(*graphs, scheduler=s.scheduler)
+        progress.bar.close()
+        return list(results)
+    from distributed import Client
+
+    try:
+        client = Client(s.scheduler, timeout="20s")
+    except OSError as exc:
+        raise AnalysisError(f"--scheduler {s.scheduler}: cannot connect ({exc})") from None
+    try:
+        futures = client.compute(graphs)
+        return [np.asarray(f.result()) for f in futures]
+    finally:
+        client.close()
+
+
+def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, Any]:
+    """Measure ``source`` into ``out_dir`` (see the module docstring); returns the summary.
+
+    Raises
+    ------
+    AnalysisError
+        Bad source or settings (one line, naming the thing and the reason).
+    """
+    from .phase import PHASE_METHODS, auto_method
+
+    s = settings
+    if s.phase not in ("dark", "bright"):
+        raise AnalysisError(f"--phase {s.phase}: choose dark or bright")
+    if s.method not in ("auto", *PHASE_METHODS):
+        raise AnalysisError(f"--method {s.method}: choose from auto, {', '.join(PHASE_METHODS)}")
+    if s.segmenter not in ("classical", "none"):
+        raise AnalysisError(
+            f"--segmenter {s.segmenter}: this version has the classical detector "
+            "('classical', the default) or 'none'; trained U-Net++ segmenters are not in yet"
+        )
+    if s.scheduler not in ("threads", "processes", "sync") and "://" not in s.scheduler:
+        raise AnalysisError(
+            f"--scheduler {s.scheduler}: choose threads, processes or a tcp://HOST:PORT address"
+        )
+    points = read_property(Path(s.property_csv)) if s.property_csv else None
+    images = open_images(source, level=s.level, pixel_size_um=s.pixel_size_um)
+    w, h = tile_size_px(s.tile, s.tile_um, images[0].pixel_size_um)
+    method = auto_method() if s.method == "auto" else s.method
+    run = Settings(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "method": method})
+    out_dir = Path(out_dir)
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = _compute(images, w, h, run)
+    seconds = time.perf_counter() - t0
+    rows_out: list[list[Any]] = []
+    profiles_rows: list[list[Any]] = []
+    per_image: list[dict[str, Any]] = []
+    profile_x_um: list[float] = []
+    profile_means: dict[str, list[float]] = {q: [] for q in MEASURES[1:]}
+    n_tiles = 0
+    for im, res in zip(images, results, strict=True):
+        grid = tile_grid(tuple(im.array.shape), w, h)
+        rows = max(g.row for g in grid) + 1
+        cols = max(g.col for g in grid) + 1
+        res = res[:rows, :cols]
+        n_tiles += rows * cols
+        scale = 2**im.level
+        px_um = im.pixel_size_um
+        for g in grid:
+            v = res[g.row, g.col]
+            valid = bool(v[0] == 1.0)
+            cx, cy = (g.x0 + g.w / 2) * scale, (g.y0 + g.h / 2) * scale
+            width_um = v[3] * px_um if px_um and math.isfinite(v[3]) else math.nan
+            rows_out.append([
+                im.name, g.row, g.col, f"{cx:.1f}", f"{cy:.1f}",
+                _fmt(cx * px_um / scale if px_um else math.nan, 3),
+                _fmt(cy * px_um / scale if px_um else math.nan, 3),
+                int(valid), _fmt(v[1] if valid else math.nan, 5),
+                _fmt(v[2] if valid else math.nan, 5), _fmt(v[3] if valid else math.nan, 3),
+                _fmt(width_um if valid else math.nan, 4), _fmt(v[4] if valid else math.nan, 3),
+            ])  # fmt: skip
+        valid_grid = res[..., 0] == 1.0
+        quantities = {
+            "phase_fraction": res[..., 1], "lamellar_fraction": res[..., 2],
+            "lamellar_width_um" if px_um else "lamellar_width_px":
+                res[..., 3] * (px_um if px_um else 1.0),
+            "lamella_count": res[..., 4],
+        }  # fmt: skip
+        stem = Path(im.name).stem
+        if len(images) <= 20:
+            for q, grid_values in quantities.items():
+                values = np.where(valid_grid, grid_values, np.nan)
+                if not np.isfinite(values).any():
+                    continue
+                draw_map(values, q, out_dir / "maps" / f"{stem}_{q}.png", tile_w=w * scale,
+                         tile_h=h * scale, pixel_size_um=px_um / scale if px_um else None,
+                         title=f"{im.name}: {q.replace('_', ' ')}")  # fmt: skip
+        # Profiles: mean and spread along y of each x-column (valid tiles only).
+        x_centres = (np.arange(cols) * w + w / 2) * scale
+        means, spreads = {}, {}
+        for q, grid_values in quantities.items():
+            values = np.where(valid_grid, grid_values, np.nan)
+            with np.errstate(all="ignore"):
+                means[q] = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=0)
+                spreads[q] = np.nanstd(values, axis=0)
+            means[q] = np.where(np.isfinite(means[q]), means[q], np.nan)
+        counts = valid_grid.sum(axis=0)
+        for c in range(cols):
+            x_um = x_centres[c] * px_um / scale if px_um else math.nan
+            profiles_rows.append([im.name, c, f"{x_centres[c]:.1f}", _fmt(x_um, 3), int(counts[c])]
+                                 + [_fmt(v, 5) for q in quantities
+                                    for v in (means[q][c], spreads[q][c])])  # fmt: skip
+        if im is images[0]:
+            unit = "mm" if px_um else "px"
+            xs = x_centres * px_um / scale / 1000 if px_um else x_centres
+            title = f"{im.name}: mean along y (band: one standard deviation)"
+            draw_profiles(xs, means, spreads, out_dir / "profiles.png", x_unit=unit, title=title)
+            profile_x_um = list(x_centres * px_um / scale) if px_um else []
+            for q in MEASURES[1:]:
+                key = "lamellar_width_um" if q == "lamellar_width_px" and px_um else q
+                profile_means[q] = list(means.get(key, np.full(cols, np.nan)))
+        per_image.append({
+            "name": im.name, "rows": rows, "cols": cols, "valid_tiles": int(valid_grid.sum()),
+            **{f"mean_{q}": _nan_none(float(np.nanmean(np.where(valid_grid, v, np.nan))))
+               if np.isfinite(np.where(valid_grid, v, np.nan)).any() else None
+               for q, v in quantities.items()},
+        })  # fmt: skip
+    with open(out_dir / "tiles.csv", "w", encoding="utf-8", newline="") as f:
+        f.write(TILES_HEADER + "\n")
+        csv.writer(f, lineterminator="\n").writerows(rows_out)
+    width_name = "lamellar_width_um" if images[0].pixel_size_um else "lamellar_width_px"
+    with open(out_dir / "profiles.csv", "w", encoding="utf-8", newline="") as f:
+        head = ["image", "col", "x_px", "x_um", "valid_tiles"]
+        for q in ("phase_fraction", "lamellar_fraction", width_name, "lamella_count"):
+            head += [f"{q}_mean", f"{q}_std"]
+        f.write(",".join(head) + "\n")
+        csv.writer(f, lineterminator="\n").writerows(profiles_rows)
+    correlation = None
+    if points is not None:
+        if not profile_x_um:
+            raise AnalysisError("--property: positions in µm need the pixel size "
+                                "(the mosaic's metadata or --pixel-size-um)")  # fmt: skip
+        q_names = {"phase_fraction": "phase_fraction", "lamellar_fraction": "lamellar_fraction",
+                   "lamellar_width_px": width_name, "lamella_count": "lamella_count"}  # fmt: skip
+        profs = {q_names[q]: np.array(v, float) for q, v in profile_means.items()}
+        tile_um = w * (images[0].pixel_size_um or 0.0)
+        correlation = correlate(np.array(profile_x_um), profs, points, tile_um)
+        (out_dir / "correlation.json").write_text(json.dumps(_jsonable(correlation), indent=2))
+        draw_correlation(correlation, out_dir / "correlation.png")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary: dict[str, Any] = {
+        "cemi_stream": __version__,
+        "source": str(source),
+        "settings": {
+            "tile_px": [w, h],
+            "level": run.level,
+            "phase": run.phase,
+            "method": method,
+            "method_requested": s.method,
+            "segmenter": run.segmenter,
+            "window": run.window,
+            "t": run.t,
+            "scheduler": run.scheduler,
+        },
+        "versions": _versions(),
+        "images": per_image,
+        "tiles": n_tiles,
+        "seconds": round(seconds, 3),
+        "tiles_per_s": round(n_tiles / seconds, 2) if seconds > 0 else None,
+        "peak_rss_mb": round(rss_mb, 1),
+        "correlation": _jsonable(correlation) if correlation is not None else None,
+    }
+    (out_dir / "analysis.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    return summary
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _nan_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import dask
+
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "opencv": cv2.__version__, "dask": dask.__version__,
+            "cpus": str(os.cpu_count())}  # fmt: skip
