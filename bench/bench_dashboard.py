@@ -275,7 +275,7 @@ class DashboardClient(threading.Thread):
                         for seq in range(max(self.frames_seq - 2, 0), self.frames_seq + 1):
                             if seq not in self.frames_fetched:  # else: browser cache
                                 self.frames_fetched.add(seq)
-                                self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png")
+                                self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png?w=384")
         except httpx.HTTPError:
             self.errors += 1
 

@@ -12,7 +12,7 @@ Pages (contract paths): ``GET /`` (the run list and the start form) and
   (:mod:`~cemi_stream.dashboard.tiles`); with ``?v=`` equal to the tile's
   current version the answer may be cached for good;
 * ``GET /runs/{id}/frames/{seq}/raw.png`` and ``.../denoised.png`` - a frame
-  as spooled, and as denoised;
+  as spooled, and as denoised (``?w=PX``: a thumbnail that wide);
 * ``GET /api/runs/{id}/events`` - the run's event feed as server-sent
   events (:mod:`~cemi_stream.dashboard.feed`); resumes after ``Last-Event-ID``
   (or ``?after=N``).
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -179,29 +181,64 @@ def mount_dashboard(
         return Response(body, media_type="image/png",
                         headers={"Cache-Control": cache, "ETag": f'"{current}"'})  # fmt: skip
 
+    readers: dict[tuple[str, str], SpoolReader] = {}
+    frame_pngs: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
+    frames_lock = threading.Lock()
+
+    def reader_of(run_id: str, kind: str, root: Path) -> SpoolReader:
+        # One reader per spool, refreshed: re-reading a 4,000-line table per image
+        # request would cost more than the image.
+        with frames_lock:
+            reader = readers.get((run_id, kind))
+        if reader is None:
+            reader = SpoolReader(root)
+            with frames_lock:
+                readers[(run_id, kind)] = reader
+        return reader
+
     @app.get("/runs/{run_id}/frames/{seq}/{kind}.png")
-    async def frame_image(request: Request, run_id: str, seq: str, kind: str) -> Response:
+    async def frame_image(
+        request: Request, run_id: str, seq: str, kind: str, w: str | None = None
+    ) -> Response:
         authorize(request, write=False)
         n = _int(seq, "frame", error)
         if kind not in ("raw", "denoised"):
             raise error("not_found", f"frame image {kind!r}: choose raw or denoised")
+        width = _int(w, "w", error, "http_error") if w else 0
+        if w and not 16 <= width <= 8192:
+            raise error("http_error", f"w {width}: a thumbnail width in 16..8192 px")
         feed = run_feed(run_id)
         spool_root = feed.run_dir if kind == "raw" else feed.run_dir / DENOISED_DIR
 
         def encode() -> bytes:
+            key = (run_id, kind, n, width)
+            with frames_lock:
+                hit = frame_pngs.get(key)
+            if hit is not None:
+                return hit
             if not (spool_root / SPOOL_DIR).is_dir():
                 raise error("not_found", f"run {run_id}: no {kind} frames")
             try:
-                reader = SpoolReader(spool_root)
-                if not 0 <= n < len(reader):
-                    raise error("not_found", f"frame {n}: outside 0..{len(reader) - 1}")
+                reader = reader_of(run_id, kind, spool_root)
+                with frames_lock:
+                    count = len(reader) if n < len(reader) else reader.refresh()
+                if not 0 <= n < count:
+                    raise error("not_found", f"frame {n}: outside 0..{count - 1}")
                 image = np.asarray(reader.image(n))
             except CemiError as exc:
                 raise error("not_found", f"run {run_id}: {exc}") from None
+            if width and width < image.shape[1]:  # thumbnails for the keyframe strip
+                height = max(1, round(image.shape[0] * width / image.shape[1]))
+                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
             ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
             if not ok:
                 raise error("internal_error", f"frame {n}: PNG encoding failed")
-            return bytes(buf)
+            body = bytes(buf)
+            with frames_lock:
+                frame_pngs[key] = body
+                while len(frame_pngs) > 64:
+                    frame_pngs.popitem(last=False)
+            return body
 
         body = await run_in_threadpool(encode)
         return Response(body, media_type="image/png",

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from ..errors import CemiError
+from ..stitch.chunks import unit_codec
 from ..stitch.mosaic import ATTRS_KEY, MosaicError, open_mosaic
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class MosaicState:
         ``(height, width)`` of the frames, pixels.
     levels : int
         Pyramid levels on disk (1 while live).
+    compression : str
+        Codec of the level-0 chunk files (``lz4``, ``zstd`` or ``none``).
+    sharded : bool
+        Chunks are inside shards (then zarr reads them).
     """
 
     state: str = "none"
@@ -80,6 +85,8 @@ class MosaicState:
     pixel_size_um: float | None = None
     frame_shape: tuple[int, int] | None = None
     levels: int = 0
+    compression: str = "lz4"
+    sharded: bool = False
 
 
 def _read_state(path: Path) -> MosaicState:
@@ -102,6 +109,8 @@ def _read_state(path: Path) -> MosaicState:
         pixel_size_um=meta.get("pixel_size_um"),
         frame_shape=(int(shape[0]), int(shape[1])) if isinstance(shape, list) else None,
         levels=levels,
+        compression=str(meta.get("compression") or "lz4"),
+        sharded=bool(meta.get("shard_px")),
     )
 
 
@@ -270,6 +279,8 @@ class TileRenderer:
         self._cached_bytes = 0
         self._coarse_bytes = 0
         self._pngs: OrderedDict[tuple[int, int, int, int], bytes] = OrderedDict()
+        # Versions of the four children each coarse tile was made from.
+        self._children: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self._views: dict[int, Any] = {}
         self._views_key: tuple[str, tuple[int, int], int] | None = None
         self._lock = threading.Lock()
@@ -305,8 +316,9 @@ class TileRenderer:
             cache[key] = (version, tile)
             used += tile.nbytes
             while used > budget and cache:
-                _, (_, dropped) = cache.popitem(last=False)
+                gone, (_, dropped) = cache.popitem(last=False)
                 used -= dropped.nbytes
+                self._children.pop(gone, None)
             if coarse:
                 self._coarse_bytes = used
             else:
@@ -332,7 +344,10 @@ class TileRenderer:
         m = self.index.mosaic
         span = TILE_PX * 2**level
         try:
-            if level == 0 or (m.state == "final" and level < m.levels):
+            direct = self._direct(level, tx, ty)
+            if direct is not None:
+                out = direct
+            elif level == 0 or (m.state == "final" and level < m.levels):
                 view = self._view(level)
                 out = view.region(tx * span, ty * span, (tx + 1) * span, (ty + 1) * span)
                 out = np.ascontiguousarray(out[:TILE_PX, :TILE_PX])
@@ -342,19 +357,72 @@ class TileRenderer:
                 )
                 out = cv2.resize(region, (TILE_PX, TILE_PX), interpolation=cv2.INTER_AREA)
             else:
-                out = np.zeros((TILE_PX, TILE_PX), np.uint8)
+                # Incremental: a quadrant whose child has the version it had when this
+                # tile was last made is taken from that tile, so a changed chunk
+                # costs one chunk read and one resize per level, even when the
+                # unchanged children are no longer cached.
+                with self._lock:
+                    old = self._coarse.get(key)
+                    before = self._children.get(key)
+                out = old[1].copy() if old is not None else np.zeros((TILE_PX, TILE_PX), np.uint8)
                 half = TILE_PX // 2
+                children = []
                 for dy in (0, 1):
                     for dx in (0, 1):
-                        child = self.tile(level - 1, 2 * tx + dx, 2 * ty + dy)
-                        if child.any():
-                            out[dy * half : (dy + 1) * half, dx * half : (dx + 1) * half] = (
-                                cv2.resize(child, (half, half), interpolation=cv2.INTER_AREA)
-                            )
+                        cx, cy = 2 * tx + dx, 2 * ty + dy
+                        cv = self.index.version(level - 1, cx, cy)
+                        children.append(cv)
+                        if old is not None and before is not None and before[2 * dy + dx] == cv:
+                            continue
+                        child = self.tile(level - 1, cx, cy)
+                        out[dy * half : (dy + 1) * half, dx * half : (dx + 1) * half] = (
+                            cv2.resize(child, (half, half), interpolation=cv2.INTER_AREA)
+                            if child.any()
+                            else 0
+                        )
+                with self._lock:
+                    self._children[key] = tuple(children)
         except (MosaicError, OSError, ValueError, KeyError) as exc:
             raise TileError(f"{self.index.path}: cannot read tile {key} ({exc})") from exc
         self._put(key, version, out)
         return out
+
+    def _chunk(self, cx: int, cy: int) -> np.ndarray | None:
+        """Level-0 chunk ``(cx, cy)`` (mosaic chunk indices) read from its file, or None.
+
+        About 1 ms for a 1024 px lz4 chunk, several times less than through
+        zarr's pipeline; this is what a changed chunk costs the dashboard.
+        """
+        m = self.index.mosaic
+        u = m.unit_px
+        ix, iy = cx - m.origin_xy[0] // u, cy - m.origin_xy[1] // u
+        path = self.index.path / "0" / "c" / str(iy) / str(ix)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        codec = unit_codec(m.compression)
+        raw = np.frombuffer(data if codec is None else codec.decode(data), np.uint8)
+        if raw.size != u * u:
+            raise TileError(f"{path}: {raw.size} bytes, expected {u * u}")
+        return raw.reshape(u, u)
+
+    def _direct(self, level: int, tx: int, ty: int) -> np.ndarray | None:
+        """Tiles of levels 0 and 1 straight from one chunk file, when the layout allows."""
+        m = self.index.mosaic
+        u = m.unit_px
+        span = TILE_PX * 2**level
+        if m.sharded or level > 1 or u % span or (m.origin_xy[0] % u) or (m.origin_xy[1] % u):
+            return None
+        cx, cy = (tx * span) // u, (ty * span) // u
+        chunk = self._chunk(cx, cy)
+        if chunk is None:
+            return np.zeros((TILE_PX, TILE_PX), np.uint8)
+        ox, oy = tx * span - cx * u, ty * span - cy * u
+        part = chunk[oy : oy + span, ox : ox + span]
+        if level == 0:
+            return np.ascontiguousarray(part)
+        return cv2.resize(part, (TILE_PX, TILE_PX), interpolation=cv2.INTER_AREA)
 
     def png(self, level: int, tx: int, ty: int) -> bytes:
         """Tile ``(level, tx, ty)`` encoded as PNG (fast compression: tiles are many).

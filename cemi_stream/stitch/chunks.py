@@ -73,7 +73,7 @@ def _compressors(name: str) -> list[Any] | None:
     raise MosaicError(f"mosaic: unknown compression {name!r} (none, zstd or lz4)")
 
 
-def _unit_codec(name: str) -> numcodecs.abc.Codec | None:
+def unit_codec(name: str) -> numcodecs.abc.Codec | None:
     """The numcodecs codec that encodes a chunk exactly as ``_compressors(name)`` does.
 
     Used to read and write whole unsharded chunk files directly, which costs
@@ -122,7 +122,7 @@ class ChunkStore:
         self.shard = shard
         self.unit = int(shard or chunk)
         self._codecs = _compressors(compression)
-        self._unit_codec = _unit_codec(compression)
+        self._unit_codec = unit_codec(compression)
         self._unit_dirs: set[Path] = set()  # chunk directories known to exist
         self.stored: set[tuple[int, int]] = set()
         # Chunk writes run on one background thread, overlapping the blending;

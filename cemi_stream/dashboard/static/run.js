@@ -262,8 +262,8 @@
     if (key === keyframesShown) return;
     keyframesShown = key;
     document.getElementById("keyframes").replaceChildren(...seqs.map((s) => {
-      const pair = cemi.el("div", { class: "pair" }, cemi.el("img", { src: `/runs/${runId}/frames/${s}/raw.png`, alt: `frame ${s} raw`, title: `frame ${s} raw` }));
-      if (hasDenoise()) pair.append(cemi.el("img", { src: `/runs/${runId}/frames/${s}/denoised.png`, alt: `frame ${s} denoised`, title: `frame ${s} denoised` }));
+      const pair = cemi.el("div", { class: "pair" }, cemi.el("img", { src: `/runs/${runId}/frames/${s}/raw.png?w=384`, alt: `frame ${s} raw`, title: `frame ${s} raw` }));
+      if (hasDenoise()) pair.append(cemi.el("img", { src: `/runs/${runId}/frames/${s}/denoised.png?w=384`, alt: `frame ${s} denoised`, title: `frame ${s} denoised` }));
       return pair;
     }));
   }

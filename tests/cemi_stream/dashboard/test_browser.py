@@ -209,11 +209,20 @@ def test_the_run_page_follows_a_run_live(served: tuple[Serve, int], browser: Any
         browser.save_screenshot(os.environ["CEMI_KEEP_SCREENSHOT"])
 
 
-def test_stop_from_the_page(served: tuple[Serve, int], browser: Any) -> None:
+def test_start_and_stop_from_the_pages(served: tuple[Serve, int], browser: Any) -> None:
     serve, _ = served
-    run = serve.client.start({"source": "frames", "pace": "1", "name": "stopped run"})
-    run_id = run["id"]
-    browser.get(f"{serve.url}/login?token={serve.token}&next=/runs/{run_id}")
+    browser.get(f"{serve.url}/login?token={serve.token}&next=/")
+    form = wait(lambda: browser.find_elements(By.ID, "start"), 20, "the start form")[0]
+    form.find_element(By.NAME, "source").send_keys("frames")
+    pace = form.find_element(By.NAME, "pace")
+    pace.clear()
+    pace.send_keys("1")
+    form.find_element(By.NAME, "name").send_keys("stopped run")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    # The page goes to the new run's page.
+    wait(lambda: "/runs/" in browser.current_url, 20, "the run page after start")
+    run_id = browser.current_url.rstrip("/").split("/runs/")[1]
+    assert serve.client.run(run_id)["name"] == "stopped run"
     button = wait(lambda: [b for b in browser.find_elements(By.ID, "stop") if b.is_enabled()],
                   60, "an enabled stop button")  # fmt: skip
     wait(lambda: browser.execute_script("return window.cemiRun.run.state") == "running",
