@@ -280,7 +280,16 @@ class DashboardClient(threading.Thread):
             self.errors += 1
 
 
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process itself and of its reaped children (the run's stages)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+    return (utime + stime) / tick, (cutime + cstime) / tick
+
+
 def paper_run(d: Daemon, source: Path, watchers: int) -> dict[str, Any]:
+    own0, stages0 = _cpu_s(d.proc.pid)
     t0 = time.perf_counter()
     run_id = d.client.start({"source": str(source), "pace": "max"})["id"]
     clients = [DashboardClient(d.url, d.token, run_id) for _ in range(watchers)]
@@ -290,9 +299,12 @@ def paper_run(d: Daemon, source: Path, watchers: int) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     for c in clients:
         c.stop.set()
+    time.sleep(1.0)  # the stages are reaped
+    own1, stages1 = _cpu_s(d.proc.pid)
     if info["state"] != "finished":
         raise SystemExit(f"paper run ended {info['state']}: {info.get('reason')}")
     return {"run": run_id, "watchers": watchers, "wall_s": round(wall, 2),
+            "daemon_cpu_s": round(own1 - own0, 2), "stages_cpu_s": round(stages1 - stages0, 2),
             "counts": info["counts"],
             "requests": sum(c.requests for c in clients),
             "errors": sum(c.errors for c in clients)}  # fmt: skip
@@ -323,9 +335,16 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)  # fmt: skip
                 bare = statistics.median(r["wall_s"] for r in runs if r["watchers"] == 0)
                 watched = statistics.median(r["wall_s"] for r in runs if r["watchers"] == 3)
+                # Load-independent: the daemon's own CPU while watched, beyond a bare
+                # run's, against the CPU the run's stages used.
+                own = {w: statistics.median(r["daemon_cpu_s"] for r in runs if r["watchers"] == w)
+                       for w in (0, 3)}  # fmt: skip
+                stages = statistics.median(r["stages_cpu_s"] for r in runs)
                 result["three_dashboards"] = {
                     "runs": runs, "bare_s": bare, "watched_s": watched,
                     "ratio": round(watched / bare, 4),
+                    "daemon_cpu_s": own, "stages_cpu_s": stages,
+                    "cpu_cost_fraction": round((own[3] - own[0]) / stages, 4),
                 }  # fmt: skip
                 print("part 2: page load of the paper-sized run ...", flush=True)
                 result["page_load"] = page_load(d, runs[-1]["run"])
@@ -355,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "three_dashboards" in result:
         t = result["three_dashboards"]
-        summary += f"; 3 dashboards: {t['watched_s']} vs {t['bare_s']} s (x{t['ratio']})"
+        summary += (
+            f"; 3 dashboards: {t['watched_s']} vs {t['bare_s']} s (x{t['ratio']}), "
+            f"daemon CPU +{100 * t['cpu_cost_fraction']:.1f} % of the stages' CPU"
+        )
     print(f"bench_dashboard: {summary} -> {path}")
     return 0
 
