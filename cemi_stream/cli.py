@@ -271,8 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", default="classical", metavar="NAME|PATH|none",
                    help="lamellar regions: classical (default, no training) or none")  # fmt: skip
     p.add_argument("--window", type=int, default=None, metavar="PX",
-                   help="Bradley-Roth window (default tile width / 8, as the paper)")  # fmt: skip
-    p.add_argument("--t", type=float, default=0.15, help="Bradley-Roth t (default 0.15)")
+                   help="Bradley-Roth window (auto: tile width / 4; bradley: width / 8, "
+                        "the paper's)")  # fmt: skip
+    p.add_argument(
+        "--t",
+        type=float,
+        default=None,
+        help="Bradley-Roth t (auto: 0, measured; bradley: 0.15, as the paper)",
+    )
     p.add_argument("--pixel-size-um", type=float, default=None,
                    help="pixel size of images (a mosaic's own metadata wins)")  # fmt: skip
     p.add_argument("--property", metavar="CSV", help="x_um,value[,name] to correlate with")

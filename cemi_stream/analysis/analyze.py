@@ -46,6 +46,8 @@ TILES_HEADER = (
 )
 #: Values per tile returned by :func:`measure_tile`, in order.
 MEASURES = ("valid", "phase_fraction", "lamellar_fraction", "lamellar_width_px", "lamella_count")
+#: Bradley-Roth's t in the paper (its window is the tile width / 8).
+PAPER_T = 0.15
 #: A tile is valid when at least this fraction of it is specimen ...
 MIN_VALID_FRACTION = 0.5
 #: ... and its specimen pixels are not flat (standard deviation, grey levels of 8 bits).
@@ -63,7 +65,7 @@ class Settings:
     method: str = "auto"
     segmenter: str = "classical"
     window: int | None = None
-    t: float = 0.15
+    t: float | None = None
     scheduler: str = "threads"
     pixel_size_um: float | None = None
     property_csv: str | None = None
@@ -78,7 +80,7 @@ def _flat_std(image: np.ndarray) -> float:
 
 def measure_tile(
     tile: np.ndarray, *, zero_is_outside: bool, phase: str, method: str, window: int | None,
-    t: float, segmenter: str,
+    t: float | None, segmenter: str,
 ) -> np.ndarray:  # fmt: skip
     """The numbers of one tile, in :data:`MEASURES` order (nan where not measured).
 
@@ -108,7 +110,8 @@ def measure_tile(
         out[0] = 0.0
         return out
     out[0] = 1.0
-    out[1] = phase_fraction(tile, valid, method=method, phase=phase, window=window, t=t)
+    out[1] = phase_fraction(tile, valid, method=method, phase=phase, window=window,
+                            t=PAPER_T if t is None else t)  # fmt: skip
     if segmenter == "classical":
         mask = lamellar_mask(tile, valid)
         stats = lamellar_stats(tile, mask, valid)
@@ -195,7 +198,7 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
     AnalysisError
         Bad source or settings (one line, naming the thing and the reason).
     """
-    from .phase import PHASE_METHODS, auto_method
+    from .phase import PHASE_METHODS, auto_settings
 
     s = settings
     if s.phase not in ("dark", "bright"):
@@ -214,8 +217,20 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
     points = read_property(Path(s.property_csv)) if s.property_csv else None
     images = open_images(source, level=s.level, pixel_size_um=s.pixel_size_um)
     w, h = tile_size_px(s.tile, s.tile_um, images[0].pixel_size_um)
-    method = auto_method() if s.method == "auto" else s.method
-    run = Settings(**{**{f: getattr(s, f) for f in s.__dataclass_fields__}, "method": method})
+    # auto: the method and settings chosen by measurement on the labelled superalloys
+    # (cemi_stream.analysis.phase); an explicit --window/--t still wins.  An explicit
+    # bradley without them is the paper's: window = width / 8, t = 0.15.
+    window: int | None
+    if s.method == "auto":
+        method, auto_window, auto_t = auto_settings(w)
+        window = s.window if s.window is not None else auto_window
+        t = s.t if s.t is not None else auto_t
+    else:
+        method = s.method
+        window = s.window
+        t = s.t if s.t is not None else PAPER_T
+    fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
+    run = Settings(**{**fields, "method": method, "window": window, "t": t})
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

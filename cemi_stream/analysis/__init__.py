@@ -1,0 +1,1 @@
+"""Microstructure analysis of the mosaic: phase fractions, lamellae, maps, profiles, correlation."""
