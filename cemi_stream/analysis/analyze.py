@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,8 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         means, spreads = {}, {}
         for q, grid_values in quantities.items():
             values = np.where(valid_grid, grid_values, np.nan)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # columns without a valid tile are nan
+                warnings.simplefilter("ignore", RuntimeWarning)
                 means[q] = np.nanmean(np.where(np.isfinite(values), values, np.nan), axis=0)
                 spreads[q] = np.nanstd(values, axis=0)
             means[q] = np.where(np.isfinite(means[q]), means[q], np.nan)
@@ -305,8 +307,7 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
                 profile_means[q] = list(means.get(key, np.full(cols, np.nan)))
         per_image.append({
             "name": im.name, "rows": rows, "cols": cols, "valid_tiles": int(valid_grid.sum()),
-            **{f"mean_{q}": _nan_none(float(np.nanmean(np.where(valid_grid, v, np.nan))))
-               if np.isfinite(np.where(valid_grid, v, np.nan)).any() else None
+            **{f"mean_{q}": _mean_or_none(np.where(valid_grid, v, np.nan))
                for q, v in quantities.items()},
         })  # fmt: skip
     with open(out_dir / "tiles.csv", "w", encoding="utf-8", newline="") as f:
@@ -362,8 +363,9 @@ def _fmt(value: float, digits: int) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _nan_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _mean_or_none(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def _jsonable(obj: Any) -> Any:

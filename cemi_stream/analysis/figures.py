@@ -54,8 +54,7 @@ def draw_map(
     aspect_w = min(max(cols * sx / max(rows * sy, 1e-9), 0.5), 40)
     fig_w = min(4 + 0.25 * aspect_w * 4, 24)
     fig, ax = plt.subplots(figsize=(fig_w, max(2.6, min(fig_w / aspect_w + 1.6, 10))), dpi=110)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#bbbbbb")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#bbbbbb")
     image = ax.imshow(np.ma.masked_invalid(values * scale), cmap=cmap, extent=extent,
                       aspect="equal", interpolation="nearest")  # fmt: skip
     ax.set_xlabel(f"x ({axis_unit})")
