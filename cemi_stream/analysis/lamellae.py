@@ -23,23 +23,32 @@ the lamellar width within the respective smaller image."  Per region (8-connecte
 component of the mask) :func:`lamellar_stats` measures:
 
 ``width_px`` (the paper's lamellar width)
-    The extent of the region **across the lamellae**: the side, perpendicular
-    to the lamellae, of the region's bounding rectangle aligned with them.  The
-    direction is the region's structure tensor (its dominant gradient
-    direction), never ``cv2.minAreaRect``'s angle, whose convention changed
-    between OpenCV versions and whose rectangle follows the region's outline,
-    not the lamellae.
+    The extent of the region **across the lamellae**, along the segment across
+    them through the region's centroid (for a convex region, the side of its
+    bounding rectangle aligned with the lamellae, perpendicular to them).  The
+    direction is the region's structure tensor (its dominant gradient direction,
+    computed from the region's spectrum by Parseval), never ``cv2.minAreaRect``'s
+    angle, whose convention changed between OpenCV versions and whose rectangle
+    follows the region's outline, not the lamellae.  The segment's ends are
+    where the lamellae end: the profile along it (averaged over parallel lines
+    two periods either side) is band-passed and demodulated at the region's
+    period, and the segment is the run around the centroid where that local
+    amplitude is past the midpoint between the region's and the surroundings'
+    (it may pass the mask's outline by up to :data:`PROFILE_REACH_PX`, since
+    the outline is only window-accurate).
 ``count`` (the paper's count)
-    The number of dark lamellae ("black lines") crossed by that segment, drawn
-    through the region's centroid: dark runs of a band-passed profile along it
-    (averaged over a few parallel lines, hysteresis at 0.3 of its spread).
-``spacing_px`` (the lamellar period; not in the paper)
+    The number of dark lamellae ("black lines") crossed by that segment: dark
+    runs of the band-passed profile within it (hysteresis at 0.3 of its spread).
+``spacing_px`` (the lamellar period; not in the paper's method)
     ``1 / |k|`` at the peak of the region's power spectrum (power-weighted
-    centroid of the peak; a strong sub-harmonic, as of thin lines, wins).
-    ``width_px / count`` approximates it.  The paper's measure is the region
-    width, but the values it reports ("550 to 750 nanometers") are of the order
-    of the eutectic's lamellar spacing, not of a region's extent (many µm); so
-    both are given and the integrator may choose.
+    centroid of the peak; a strong sub-harmonic ``k/2`` or ``k/3``, as of thin
+    lines, wins), from its pixels within :data:`SPECTRUM_HALF_PX` of the
+    centroid.  ``width_px / count`` approximates it.  The paper's method
+    measures the region width, but the values it reports ("The overall
+    distribution of lamellar width ranges from 550 to 750 nanometers") are of
+    the order of the eutectic's lamellar spacing (a few pixels at 500x), not
+    of a region's extent: to compare with those numbers use ``spacing_px`` (or
+    ``width_px / count``); both are given.
 
 Tile values are plain means over the tile's regions, as in the paper.
 
@@ -47,21 +56,28 @@ Detection (:func:`lamellar_mask`).  On square windows of ``window_px`` (the
 tile, non-overlapping) and on windows of twice that (its 2x-downsampled copy,
 half-overlapping, for long periods), the gradient-weighted power spectrum
 (``|k|^2 P(k)``, so that shading and single edges do not dominate) gives: the
-peak's period and direction; the band's structure tensor (by Parseval, the
-tensor of the band-passed window) and its coherence; the periodicity, the
-autocorrelation of the band-passed gradient at one period along the wave vector
-(~1 for lamellae, ~0 for a single edge, line or bar and for isotropic texture);
-and the amplitude of the sinusoid at the peak.  A window is lamellar when
-coherence, periodicity and amplitude (relative to the tile's 1-99 % grey-level
-range) pass their thresholds and the peak agrees with the tensor's direction.
-Around the lamellar windows, pixels are kept where the structure tensor
-(averaged over about one period) is past the midpoint between the windows'
-coherence and energy and the rest's (pixel-accurate boundaries), then small
-pieces are dropped.
+peak's period and direction; within an octave of the peak, the structure
+tensor (by Parseval, that of the band-passed window) and its coherence, and the
+periodicity, the autocorrelation of the band-passed gradient at one period
+along the wave vector (~1 for lamellae, ~0 for isotropic texture, <= 0.3 for a
+single edge, line or bar); and the amplitude of the sinusoid at the peak.  A
+window is lamellar when coherence, periodicity and amplitude (relative to the
+tile's 1-99 % grey-level range) pass their thresholds and the peak agrees with
+the tensor's direction.  The lamellar windows' cells are then refined within an
+eighth of a window of their outline: pixels are kept where the structure tensor
+(averaged over about 1.5 periods) has a coherence, and energy, past the midpoint
+between the cells' and the rest's; small pieces are dropped.
 
-Thresholds: chosen by ``bench/bench_lamellae.py`` on the UHCS steel
-micrographs (per-image lamellar fraction, pearlite against spheroidite) and
-on simulated lamellae; see that bench's results for the numbers.
+Thresholds (``MIN_COHERENCE``, ``MIN_PERIODICITY``, ``MIN_CONTRAST``): chosen on
+the UHCS steel micrographs (a small grid with a plateau of ROC AUC 0.95-0.97;
+in-sample, the 30 held-out images were not available) and checked on
+simulated lamellae.  ``bench/bench_lamellae.py`` (2026-12-02): per-image
+lamellar fraction, pearlite against spheroidite ROC AUC 0.953 (bootstrap 95 %
+0.89-0.99), against network 0.985; isotropic simulated texture <= 5 %
+lamellar; simulated lamellae of 6-40 px periods, the region's own width
+within 5 % in 92 % of 378 cases (mean error 2.3 %), its period in 99 % (mean
+0.6 %); tile means also average false regions found in textured surroundings
+(80 % / 88 % within 5 %).  About 10-13 ms per 508 x 413 uint8 tile, one thread.
 """
 
 from __future__ import annotations
@@ -87,7 +103,7 @@ __all__ = [
 ]
 
 #: Default least coherence of a lamellar window (band-limited structure tensor, 0..1).
-MIN_COHERENCE = 0.3
+MIN_COHERENCE = 0.35
 #: Default least periodicity (autocorrelation at one period, -1..1) of a lamellar window.
 MIN_PERIODICITY = 0.1
 #: Default least lamellar amplitude relative to the tile's 1-99 % grey-level range.
@@ -98,6 +114,13 @@ MIN_PERIOD_PX = 2.5
 MIN_CYCLES = 3.0
 #: Largest angle between the spectral peak and the tensor's direction, rad.
 MAX_ANGLE_DIFF = math.radians(25.0)
+#: How far the segment across a region may run past the region's outline, px (the
+#: outline of :func:`lamellar_mask` follows its 64-px windows, refined by only 8 px).
+PROFILE_REACH_PX = 32.0
+#: Longest period :func:`lamellar_stats` looks for, px (what the default windows detect).
+MAX_PERIOD_PX = 48.0
+#: A region's period and direction come from its pixels within this many px of its centroid.
+SPECTRUM_HALF_PX = 128
 #: Smallest region measured by :func:`lamellar_stats`, px.
 MIN_REGION_PX = 64
 
@@ -340,7 +363,8 @@ def _spectral_tables(window: int, min_p: float, max_p: float) -> tuple[np.ndarra
         acf = np.array([float(han[: n - k] @ han[k:]) for k in range(n)]) / float(han @ han)
         f32 = np.float32
         _SPECTRAL[key] = (
-            taper, scipy.fft.rfft2(taper).ravel(), ref, wref.astype(f32), ky[ref].astype(f32),
+            taper, scipy.fft.rfft2(taper).ravel().astype(np.complex64), ref, wref.astype(f32),
+            ky[ref].astype(f32),
             kx[ref].astype(f32), dirs.astype(f32), band, ny * m + nx,
             (fy[ny] * sign).astype(f32), (nx / n * sign).astype(f32), acf.astype(f32),
         )  # fmt: skip
@@ -389,73 +413,85 @@ def _taper_acf(acf: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
 
 
 def _spectrum_features(
-    img: np.ndarray, window: int, step: int, min_p: float, max_p: float
-) -> _Features:
-    """Spectral features of the windows of ``img`` (see :class:`LocalPeriod`)."""
+    img: np.ndarray, window: int, step: int, min_p: float, max_p: float,
+    min_amplitude: float | None = None,
+) -> _Features:  # fmt: skip
+    """Spectral features of the windows of ``img`` (see :class:`LocalPeriod`).
+
+    Periodicity, coherence and tensor direction are computed only for windows
+    whose amplitude reaches ``min_amplitude`` (all when ``None``); nan elsewhere.
+    """
     (taper, ftaper, ref, wref, rky, rkx, dirs, band, nb_idx, nb_ky, nb_kx,
      acf) = _spectral_tables(window, min_p, max_p)  # fmt: skip
     wins, ys, xs = _windows(img, window, step)
     shape = wins.shape[:2]
     w = wins.reshape(-1, window, window)
     n = w.shape[0]
-    rows = np.arange(n)[:, None]
-    mean = w.reshape(n, -1).mean(axis=1)[:, None]
+    mean = w.reshape(n, -1).mean(axis=1, dtype=np.float32)
     spec = scipy.fft.rfft2(w * taper).reshape(n, -1)
 
-    def power(idx: np.ndarray) -> np.ndarray:
+    def power(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
         # The window's mean removed in the spectrum: minus mean x spectrum of the taper.
-        z = spec[rows, idx] - mean * ftaper[idx]
+        z = spec[rows[:, None], idx] - mean[rows, None] * ftaper[idx]
         return z.real**2 + z.imag**2
 
-    pr = power(ref[None, :]) * wref  # gradient-weighted power of the reference band
+    every = np.arange(n)
+    z = spec[:, ref] - mean[:, None] * ftaper[ref][None, :]
+    pr = (z.real**2 + z.imag**2) * wref  # gradient-weighted power, reference band
     tot = pr.sum(axis=1) + 1e-12
     peak = np.argmax(pr[:, band], axis=1)
-    raw = power(nb_idx[peak])
+    raw = power(every, nb_idx[peak])
     s_raw = raw.sum(axis=1) + 1e-12
     cy = (raw * nb_ky[peak]).sum(axis=1) / s_raw
     cx = (raw * nb_kx[peak]).sum(axis=1) / s_raw
     k2 = np.maximum(cy * cy + cx * cx, 1e-12)
     strength = s_raw * k2 / tot
-    rr2 = rky * rky + rkx * rkx
-
-    def octave(kk2: np.ndarray) -> np.ndarray:
-        """The power within an octave either side of ``|k|``: the peak's scale."""
-        sel = (rr2[None, :] >= kk2[:, None] / 4.0) & (rr2[None, :] <= 4.0 * kk2[:, None])
-        return pr * sel
-
-    def acorr(local: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
-        """Autocorrelation of the octave-band gradient at lag ``(ty, tx)`` px."""
-        c = np.cos(2 * np.pi * (rky[None, :] * ty[:, None] + rkx[None, :] * tx[:, None]))
-        return (local * c).sum(axis=1) / (local.sum(axis=1) + 1e-12) / _taper_acf(acf, ty, tx)
-
-    # At one period along the wave vector (lag k / |k|^2), and at two: thin lines put
-    # more gradient power in the 2nd harmonic than in the fundamental.
-    ty, tx = cy / k2, cx / k2
-    local = octave(k2)
-    p1 = acorr(local, ty, tx)
-    can_double = k2 * max_p * max_p >= 4.0 * 0.9
-    if can_double.any():
-        # ... when the sub-harmonic k / 2 holds at least a quarter of the peak's power.
-        half_idx = _bins_around(cy / 2.0, cx / 2.0, window)
-        sub = power(half_idx).sum(axis=1) * (k2 / 4.0)
-        can_double &= sub >= 0.25 * s_raw * k2
-    if can_double.any():
-        local2 = octave(k2 / 4.0)
-        p2 = acorr(local2, 2 * ty, 2 * tx)
-        double = can_double & (p2 > p1 + 0.15)
-        local = np.where(double[:, None], local2, local)
-        p1 = np.where(double, p2, p1)
-        k2 = np.where(double, k2 / 4.0, k2)
-    periodicity = p1
-    j = local @ dirs.T  # (n, 3): the structure tensor at the peak's scale (Parseval)
-    t_angle, coh = _angle_coherence(j[:, 0], j[:, 1], j[:, 2])
     amplitude = _AMPLITUDE_GAIN * (64.0 / window) ** 2 * np.sqrt(s_raw)
+    periodicity = np.full(n, np.nan, np.float32)
+    coh = np.full(n, np.nan, np.float32)
+    t_angle = np.full(n, np.nan, np.float32)
+    sel = every if min_amplitude is None else np.flatnonzero(amplitude >= min_amplitude)
+    if sel.size:
+        prs, q2, qy, qx = pr[sel], k2[sel], cy[sel], cx[sel]
+        rr2 = rky * rky + rkx * rkx
+
+        def octave(kk2: np.ndarray) -> np.ndarray:
+            """The power within an octave either side of ``|k|``: the peak's scale."""
+            inside = (rr2[None, :] >= kk2[:, None] / 4.0) & (rr2[None, :] <= 4.0 * kk2[:, None])
+            return prs * inside
+
+        def acorr(local: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
+            """Autocorrelation of the octave-band gradient at lag ``(ty, tx)`` px."""
+            c = np.cos(2 * np.pi * (rky[None, :] * ty[:, None] + rkx[None, :] * tx[:, None]))
+            num = (local * c).sum(axis=1)
+            return num / (local.sum(axis=1) + 1e-12) / _taper_acf(acf, ty, tx)
+
+        # At one period along the wave vector (lag k / |k|^2), and at two: thin lines put
+        # more gradient power in the 2nd harmonic than in the fundamental ...
+        ty, tx = qy / q2, qx / q2
+        local = octave(q2)
+        p1 = acorr(local, ty, tx)
+        can_double = q2 * max_p * max_p >= 4.0 * 0.9
+        if can_double.any():
+            # ... when the sub-harmonic k / 2 holds at least a quarter of the peak's power.
+            sub = power(sel, _bins_around(qy / 2.0, qx / 2.0, window)).sum(axis=1)
+            can_double &= sub >= s_raw[sel]
+        if can_double.any():
+            local2 = octave(q2 / 4.0)
+            p2 = acorr(local2, 2 * ty, 2 * tx)
+            double = can_double & (p2 > p1 + 0.15)
+            local = np.where(double[:, None], local2, local)
+            p1 = np.where(double, p2, p1)
+            k2[sel] = np.where(double, q2 / 4.0, q2)
+        periodicity[sel] = p1
+        j = local @ dirs.T  # (n, 3): the structure tensor at the peak's scale (Parseval)
+        t_angle[sel], coh[sel] = _angle_coherence(j[:, 0], j[:, 1], j[:, 2])
     f32 = np.float32
     return _Features(
         (1.0 / np.sqrt(k2)).reshape(shape).astype(f32),
         _wrap(np.arctan2(cy, cx)).reshape(shape),
         np.clip(strength, 0, 1).reshape(shape).astype(f32),
-        periodicity.reshape(shape).astype(f32),
+        periodicity.reshape(shape),
         amplitude.reshape(shape).astype(f32),
         coh.reshape(shape),
         t_angle.reshape(shape),
@@ -530,21 +566,23 @@ def local_period(
 # --------------------------------------------------------------------------- detection
 
 
-def _levels(norm: np.ndarray, window: int, min_p: float, two_scales: bool) -> list[
-    tuple[_Features, int]
-]:  # fmt: skip
-    """Window features of the tile (non-overlapping windows) and of its half-size copy.
+def _levels(
+    norm: np.ndarray, window: int, min_p: float, two_scales: bool,
+    min_amplitude: float | None = None,
+) -> list[tuple[_Features, int]]:  # fmt: skip
+    """Window features of the tile and of its half-size copy.
 
-    Level 0 looks for periods ``min_p .. window / MIN_CYCLES``; level 1
-    (``two_scales``, half-overlapping windows) for ``window / (2 MIN_CYCLES) ..
-    window / MIN_CYCLES`` of its own pixels, i.e. up to twice that in the tile's.
+    Level 0 (non-overlapping windows) looks for periods ``min_p .. window /
+    MIN_CYCLES``; level 1 (``two_scales``, half-overlapping windows, each
+    standing for its central half) for ``window / (2 MIN_CYCLES) .. window /
+    MIN_CYCLES`` of its own pixels, i.e. up to twice that in the tile's.
     """
     max_p = window / MIN_CYCLES
-    out = [(_spectrum_features(norm, window, window, min_p, max_p), 1)]
+    out = [(_spectrum_features(norm, window, window, min_p, max_p, min_amplitude), 1)]
     if two_scales and min(norm.shape) >= 2 * window:
         half = cv2.pyrDown(norm)
-        out.append((_spectrum_features(half, window, window // 2, max(min_p, max_p / 2), max_p),
-                    2))  # fmt: skip
+        out.append((_spectrum_features(half, window, window // 2, max(min_p, max_p / 2), max_p,
+                                       min_amplitude), 2))  # fmt: skip
     return out
 
 
@@ -637,14 +675,14 @@ def lamellar_mask(
     amp_min = min_contrast * _robust_range(norm, vmask)
     seed = np.zeros((h, w), dtype=bool)
     periods = []
-    for f, scale in _levels(norm, window, min_p, two_scales):
+    for f, scale in _levels(norm, window, min_p, two_scales, amp_min):
         ok = _decision(f, min_coherence, min_periodicity, amp_min)
-        # Paint each lamellar window's own cell (its stride) in the tile's pixels.
-        cell = window // 2 if scale > 1 else window
+        # Each lamellar window marks its own cell (its stride) in the tile's pixels.
+        cell = (window // 2 if scale > 1 else window) * scale
         for i, j in zip(*np.nonzero(ok), strict=True):
-            y0 = int(f.ys[i]) * scale + (window * scale - cell * scale) // 2
-            x0 = int(f.xs[j]) * scale + (window * scale - cell * scale) // 2
-            seed[y0 : y0 + cell * scale, x0 : x0 + cell * scale] = True
+            y0 = int(f.ys[i]) * scale + (window * scale - cell) // 2
+            x0 = int(f.xs[j]) * scale + (window * scale - cell) // 2
+            seed[y0 : y0 + cell, x0 : x0 + cell] = True
         periods.append(scale * f.period[ok])
     if vmask is not None:
         seed &= vmask
@@ -655,56 +693,71 @@ def lamellar_mask(
     return _refine(norm, seed, vmask, p_dom, window, area)
 
 
-def _band_tensor(norm: np.ndarray, period: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Coherence and energy of the structure tensor of ``norm`` band-passed around ``period``.
+def _tensor_maps(norm: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Coherence and energy of the structure tensor averaged at ``sigma`` px.
 
-    A difference of Gaussians (sigma ``period / 8`` and ``period / 2``) keeps
-    the lamellae's scale, the tensor is averaged over about ``1.5 period``.
-    Works on the pyramid level ``f`` (1, 2 or 4) that the period allows and
-    returns the maps there with ``f``.
+    The gradient products are formed at full resolution (fine lamellae) and
+    reduced to the pyramid level ``f`` (1, 2 or 4) that ``sigma`` allows,
+    where the rest of the averaging is done; returns the maps there with ``f``.
     """
     f = 1
     img = norm
-    while period / (2 * f) >= 4.0 and f < 4 and min(img.shape) >= 128:
+    # Gradients where the lamellae still have >= 4 px per period (sigma ~ 1.5 periods).
+    while sigma / (2 * f) >= 6.0 and f < 4 and min(img.shape) >= 128:
         img = cv2.pyrDown(img)
         f *= 2
-    p = period / f
-    band = cv2.GaussianBlur(img, (0, 0), max(p / 8.0, 0.5)) - cv2.GaussianBlur(img, (0, 0), p / 2.0)
-    prod = cv2.GaussianBlur(_gradient_products(band), (0, 0), 1.5 * p)
-    _, coh = _angle_coherence(prod[..., 0], prod[..., 1], prod[..., 2])
-    return coh, prod[..., 0] + prod[..., 1], f
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
+    prod = np.empty((*img.shape, 3), np.float32)
+    np.multiply(gx, gx, out=prod[..., 0])
+    np.multiply(gy, gy, out=prod[..., 1])
+    np.multiply(gx, gy, out=prod[..., 2])
+    while sigma / (2 * f) >= 1.0 and f < 4 and min(prod.shape[:2]) >= 64:
+        prod = cv2.pyrDown(prod)
+        f *= 2
+    prod = cv2.GaussianBlur(prod, (0, 0), max(sigma / f, 0.5))
+    jxx, jyy, jxy = prod[..., 0], prod[..., 1], prod[..., 2]
+    _, coh = _angle_coherence(jxx, jyy, jxy)
+    return coh, jxx + jyy, f
 
 
 def _refine(
     norm: np.ndarray, seed: np.ndarray, vmask: np.ndarray | None, p_dom: float, window: int,
     min_area: int,
 ) -> np.ndarray:  # fmt: skip
-    """Pixel-accurate regions around the lamellar windows ``seed``.
+    """Pixel-accurate outline of the lamellar cells ``seed``, within an eighth of a window.
 
-    Within half a window of the seed, a pixel is lamellar where the structure
-    tensor of the tile band-passed at the lamellae's period ``p_dom`` has a
-    coherence past the midpoint between the seed's (upper quartile: the seed
-    cells may overhang the region) and the rest's (median), and, where the
-    rest is much flatter, an energy past their midpoint too.
+    The structure tensor is averaged over about 1.5 periods (``p_dom``, the
+    lamellar windows' median period).  Within ``window / 8`` of the cells'
+    outline (either side), a pixel is lamellar where its coherence is past the
+    midpoint between the cells' (upper quartile: cells may overhang a region)
+    and the rest's (median) and, where the rest is much flatter, its energy is
+    past their midpoint too; deeper inside the cells, pixels stay lamellar
+    (fine, curved lamellae have a low pixel coherence).  Then gaps are closed,
+    slivers opened, and regions under ``min_area`` pixels or not touching a
+    lamellar cell dropped.
     """
     h, w = norm.shape
-    coh, energy, f = _band_tensor(norm, p_dom)
+    coh, energy, f = _tensor_maps(norm, float(np.clip(1.5 * p_dom, 2.0, window / 2.0)))
     lh, lw = coh.shape
-    small = cv2.resize(seed.astype(np.uint8), (lw, lh), interpolation=cv2.INTER_NEAREST) > 0
+    small = cv2.resize(seed.astype(np.uint8), (lw, lh), interpolation=cv2.INTER_NEAREST)
     inside = None
     if vmask is not None:
         inside = cv2.resize(vmask.astype(np.uint8), (lw, lh), interpolation=cv2.INTER_NEAREST) > 0
-    reach = window // (2 * f) + 1
-    near = cv2.dilate(small.astype(np.uint8), np.ones((reach, reach), np.uint8)) > 0
+    band = window // (8 * f) * 2 + 1
+    square = np.ones((band, band), np.uint8)
+    near = cv2.dilate(small, square) > 0
+    core = cv2.erode(small, square) > 0
+    cells = small > 0
     rest = ~near if inside is None else ~near & inside
-    c_in = float(np.percentile(coh[small], 75))
-    e_in = float(np.percentile(energy[small], 75))
+    c_in = float(np.percentile(coh[cells], 75))
+    e_in = float(np.percentile(energy[cells], 75))
     c_out = float(np.median(coh[rest])) if rest.any() else 0.0
     e_out = float(np.median(energy[rest])) if rest.any() else 0.0
     fine = near & (coh >= 0.5 * (c_in + min(c_out, c_in)))
     if e_out < 0.5 * e_in:
         fine &= energy >= 0.5 * (e_in + e_out)
-    # Close gaps, drop slivers.
+    fine |= core
     k = int(np.clip(round(p_dom / f), 3, max(3, window // (4 * f)))) | 1
     ell = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
     fine_u8 = cv2.morphologyEx(fine.astype(np.uint8), cv2.MORPH_CLOSE, ell)
@@ -712,15 +765,15 @@ def _refine(
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fine_u8, connectivity=8)
     keep = np.zeros(n, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] * (f * f) >= min_area
-    keep &= np.bincount(labels[small], minlength=n) > 0  # overlaps a lamellar window
+    keep &= np.bincount(labels[cells], minlength=n) > 0  # touches a lamellar cell
     keep[0] = False
-    out = keep[labels].astype(np.float32)
+    out = keep[labels]
     if f > 1:
-        out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
-    mask = out >= 0.5
+        up = cv2.resize(out.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        out = up >= 0.5
     if vmask is not None:
-        mask &= vmask
-    return mask
+        out &= vmask
+    return out
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -755,8 +808,10 @@ def synthetic_lamellae(
     wave : str
         ``sine``, ``square`` (duty 0.5) or ``lines`` (dark lines, duty 0.25).
     background : str
-        Outside the region: ``blobs`` (isotropic random texture of the same
-        contrast), ``flat`` (mid grey) or ``noise`` only.
+        Outside the region: ``blobs`` (thresholded smooth noise, isotropic
+        features of ~5 px), ``particles`` (bright discs of radius 1.5-4 px on a
+        dark matrix, ~20 % of the area, like spheroidite), both of the
+        lamellae's contrast; ``flat`` (mid grey) or ``noise`` (only the noise).
     seed : int
         Random seed.
 
@@ -786,21 +841,49 @@ def synthetic_lamellae(
     if region is None:
         region = np.ones((h, w), dtype=bool)
     bg: np.ndarray
-    if background == "blobs":
-        blobs = cv2.GaussianBlur(rng.standard_normal((h, w)), (0, 0), max(period_px / 4, 1.0))
-        bg = (blobs > 0).astype(np.float64)
+    if background == "blobs":  # thresholded smooth noise: isotropic, ~5 px features
+        blobs = cv2.GaussianBlur(rng.standard_normal((h, w)), (0, 0), 2.0)
+        bg = cv2.GaussianBlur((blobs > 0).astype(np.float64), (0, 0), 0.7)
+    elif background == "particles":  # bright discs (r 1.5-4 px) on a dark matrix, ~20 %
+        bg = np.zeros((h, w))
+        n = int(0.2 * h * w / (np.pi * 2.75**2))
+        for y, x, r in zip(rng.uniform(0, h, n), rng.uniform(0, w, n), rng.uniform(1.5, 4, n),
+                           strict=True):  # fmt: skip
+            cv2.circle(bg, (int(x), int(y)), round(r), 1.0, -1)
         bg = cv2.GaussianBlur(bg, (0, 0), 0.7)
     elif background == "flat":
         bg = np.full((h, w), 0.5)
     elif background == "noise":
         bg = np.zeros((h, w))
     else:
-        raise AnalysisError(f"background: {background!r} is not blobs, flat or noise")
+        raise AnalysisError(f"background: {background!r} is not blobs, particles, flat or noise")
     img = np.where(region, lam, bg) + noise * rng.standard_normal((h, w))
     return img.astype(np.float32), region
 
 
 # --------------------------------------------------------------------------- measures
+
+
+_FREQ: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+
+
+def _frequency_tables(
+    ph: int, pw: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``fy (ph, 1)``, ``fx (1, m)``, ``|k|^2`` and the structure-tensor weights
+    ``kx^2, ky^2, kx ky`` (halved at ``kx = 0``) of an ``rfft2`` of ``ph x pw`` (cached)."""
+    key = (ph, pw)
+    if key not in _FREQ:
+        if len(_FREQ) > 64:
+            _FREQ.clear()
+        fy = np.fft.fftfreq(ph).astype(np.float32)[:, None]
+        fx = np.fft.rfftfreq(pw).astype(np.float32)[None, :]
+        half = np.where(fx == 0, 0.5, 1.0).astype(np.float32)
+        r2 = fy * fy + fx * fx
+        tw = [np.ascontiguousarray(np.broadcast_to(a, r2.shape), dtype=np.float32)
+              for a in (fx * fx * half, fy * fy * half, fx * fy * half)]  # fmt: skip
+        _FREQ[key] = (fy, fx, r2, tw)
+    return _FREQ[key]
 
 
 def _region_spectrum(img: np.ndarray, region: np.ndarray, max_p: float) -> tuple[float, float]:
@@ -818,17 +901,11 @@ def _region_spectrum(img: np.ndarray, region: np.ndarray, max_p: float) -> tuple
     ph, pw = cv2.getOptimalDFTSize(max(h, 64)), cv2.getOptimalDFTSize(max(w, 64))
     spec = scipy.fft.rfft2(data, s=(ph, pw))
     power = spec.real**2 + spec.imag**2
-    fy = np.fft.fftfreq(ph).astype(np.float32)[:, None]
-    fx = np.fft.rfftfreq(pw).astype(np.float32)[None, :]
-    r2 = fy * fy + fx * fx
-    inband = (r2 >= 1.0 / max_p**2) & (r2 <= 1.0 / 2.5**2)
-    pb = np.where(inband, power, 0.0)
+    fy, fx, r2, tensor_w = _frequency_tables(ph, pw)
+    pb = power * ((r2 >= 1.0 / max_p**2) & (r2 <= 1.0 / MIN_PERIOD_PX**2))
     if not np.any(pb > 0):
         return math.nan, math.nan
-    half = np.where(fx == 0, 0.5, 1.0)
-    jxx = float((pb * (fx * fx) * half).sum())
-    jyy = float((pb * (fy * fy) * half).sum())
-    jxy = float((pb * (fx * fy) * half).sum())
+    jxx, jyy, jxy = (float(np.vdot(pb, tw)) for tw in tensor_w)
     theta = 0.5 * math.atan2(2.0 * jxy, jxx - jyy)
     hy, hx = max(1, math.ceil(ph / h)), max(1, math.ceil(pw / w))
 
@@ -843,17 +920,26 @@ def _region_spectrum(img: np.ndarray, region: np.ndarray, max_p: float) -> tuple
         s = float(p.sum()) + 1e-30
         return float((p * fy[yy, 0] * sign).sum()) / s, float((p * fx[0, xx] * sign).sum()) / s, s
 
+    # Gradient-weighted (|k|^2) like the windows: large features and shading do not win.
     iy, ix = np.unravel_index(int(np.argmax(pb * r2)), pb.shape)
     cy, cx, s = centroid(int(iy), int(ix))
     k = math.hypot(cy, cx)
-    if k / 2.0 >= 1.0 / max_p:
-        jy, jx = round(cy / 2.0 * ph), round(cx / 2.0 * pw)
+    rk = np.sqrt(r2)
+    nb = (2 * hy + 1) * (2 * hx + 1)
+    # Harmonics (thin lines, square waves) can outweigh the fundamental there: prefer the
+    # largest sub-harmonic k / d that is strong (raw power >= 0.35 of the peak's) and is a
+    # peak in its direction (>= 4 x the mean power of its ring), not isotropic texture.
+    for d in (5, 3, 2):
+        if k / d < 1.0 / max_p:
+            continue
+        jy, jx = round(cy / d * ph), round(cx / d * pw)
         if jx < 0:
             jy, jx = -jy, -jx
         cy2, cx2, s2 = centroid(jy % ph, jx)
-        k2 = math.hypot(cy2, cx2)
-        if s2 >= 0.35 * s and abs(2.0 * k2 - k) < 0.2 * k:
-            k = k2
+        ring = np.abs(rk - k / d) <= 1.5 / min(ph, pw)
+        if s2 >= 0.35 * s and s2 >= 4.0 * nb * float(power[ring].mean()):
+            k = math.hypot(cy2, cx2)
+            break
     return (1.0 / k if k > 0 else math.nan), theta
 
 
@@ -873,6 +959,18 @@ def _dark_runs(profile: np.ndarray) -> int:
     return int((s[0] == -1) + np.count_nonzero((s[1:] == -1) & (s[:-1] == 1)))
 
 
+def _ends(ok: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` samples at each end of every run of ``ok`` (what a dilation by ``n`` added)."""
+    out = np.zeros_like(ok)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], ok.astype(np.int8), [0]))))
+    for a, b in zip(edges[::2], edges[1::2], strict=True):
+        if a > 0:
+            out[a : a + n] = True
+        if b < ok.size:
+            out[max(a, b - n) : b] = True
+    return out
+
+
 def _gauss1d(x: np.ndarray, sigma: float) -> np.ndarray:
     r = max(1, int(3 * sigma + 0.5))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -880,30 +978,69 @@ def _gauss1d(x: np.ndarray, sigma: float) -> np.ndarray:
     return np.convolve(xp, k / k.sum(), mode="valid")
 
 
-def _region_count(
-    img: np.ndarray, region: np.ndarray, theta: float, period: float, cy: float, cx: float
-) -> int:
-    """Dark lamellae crossed by the segment across the lamellae through ``(cy, cx)``."""
+def _region_profile(
+    img: np.ndarray, labels: np.ndarray, label: int, theta: float, period: float, cy: float,
+    cx: float, t_range: tuple[float, float], reach: float = PROFILE_REACH_PX,
+) -> tuple[float, int]:  # fmt: skip
+    """Width (px) and dark-lamella count along the segment across the lamellae through ``(cy, cx)``.
+
+    The profile along the normal (averaged over a few parallel lines) is
+    band-passed at ``period`` and demodulated (its local amplitude at that
+    period, smoothed over one period).  The segment is the run of samples
+    around the centroid where that amplitude is at least half its median over
+    the region's samples; it may extend up to ``reach`` px beyond the region
+    (whose outline is only as fine as the analysis windows).  Its length is the
+    width; the count is the dark runs of the band-passed profile within it.
+    ``t_range`` is the region's extent along the normal from ``(cy, cx)``, px.
+    """
     c, sn = math.cos(theta), math.sin(theta)
     h, w = img.shape
-    reach = math.hypot(h, w)
-    t = np.arange(-reach, reach, 0.5, dtype=np.float32)  # samples 0.5 px apart
-    xi = np.rint(cx + t * c).astype(int)
-    yi = np.rint(cy + t * sn).astype(int)
-    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-    inside[inside] = region[yi[inside], xi[inside]]
+    step = float(np.clip(period / 8.0, 0.5, 2.0))  # px between samples
+    margin = reach + 3.0 * period
+    t = np.arange(t_range[0] - margin, t_range[1] + margin, step, dtype=np.float32)
+    xf, yf = cx + t * c, cy + t * sn
+    on = (xf >= 0) & (xf <= w - 1) & (yf >= 0) & (yf <= h - 1)
+    if not on.any():
+        return math.nan, 0
+    t = t[on]
+    xi, yi = np.rint(xf[on]).astype(int), np.rint(yf[on]).astype(int)
+    inside = labels[yi, xi] == label
     if not inside.any():
-        return 0
-    m = int(np.clip(round(period / 2.0), 1, 4))
-    offs = np.arange(-m, m + 1, dtype=np.float32)
-    # Along the normal (c, sn); parallel lines offset along the lamellae (-sn, c), averaged.
+        return math.nan, 0
+    # Along the normal (c, sn); parallel lines offset along the lamellae (-sn, c), averaged
+    # over two periods either side (texture that is not lamellae of this direction averages out).
+    span = float(np.clip(2.0 * period, 4.0, 32.0))
+    offs = np.linspace(-span, span, int(np.clip(round(span), 3, 24)) | 1, dtype=np.float32)
     mx = (cx + t[None, :] * c - offs[:, None] * sn).astype(np.float32)
     my = (cy + t[None, :] * sn + offs[:, None] * c).astype(np.float32)
     prof = cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).mean(axis=0)
-    # Band-pass along the line (in samples of 0.5 px): noise and background off.
-    band = _gauss1d(prof, max(period / 4.0, 1.2)) - _gauss1d(prof, 2.0 * period)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], inside.astype(np.int8), [0]))))
-    return sum(_dark_runs(band[a:b]) for a, b in zip(edges[::2], edges[1::2], strict=True))
+    ps = period / step  # the period in samples
+    band = _gauss1d(prof, max(ps / 8.0, 1.2)) - _gauss1d(prof, ps)
+    carrier = np.exp(-2j * np.pi * np.arange(band.size) / ps)
+    z = band * carrier
+    es = 0.5 * ps
+    env = 2.0 * np.abs(_gauss1d(z.real, es) + 1j * _gauss1d(z.imag, es))
+    # Samples allowed: the region's, widened by ``reach`` along the line.
+    r = round(reach / step)
+    allowed = np.convolve(inside.astype(np.int32), np.ones(2 * r + 1, np.int32), mode="same") > 0
+    ref = float(np.median(env[inside]))
+    if ref <= 0:
+        return math.nan, 0
+    out = ~allowed
+    floor = float(np.median(env[out])) if out.sum() > 2 * ps else 0.0
+    ok = allowed & (env >= 0.5 * (ref + min(floor, ref)))
+    # Bridge dips shorter than two periods (noise), not the region's end.
+    gap = max(1, round(2 * ps))
+    grown = np.convolve(ok.astype(np.int32), np.ones(2 * gap + 1, np.int32), "same") > 0
+    ok = allowed & grown & ~_ends(grown, gap)  # a closing
+    # The run of ``ok`` holding the inside sample nearest the centroid.
+    centre = int(np.flatnonzero(inside)[np.argmin(np.abs(t[inside]))])
+    if not ok[centre]:
+        return math.nan, 0
+    lo = centre - int(np.argmin(ok[centre::-1])) + 1 if not ok[: centre + 1].all() else 0
+    hi = centre + int(np.argmin(ok[centre:])) if not ok[centre:].all() else ok.size
+    seg = band[lo:hi]
+    return (hi - lo) * step, _dark_runs(seg - float(seg.mean()))
 
 
 def lamellar_stats(
@@ -962,22 +1099,38 @@ def lamellar_stats(
         bw, bh = int(stats[i, cv2.CC_STAT_WIDTH]), int(stats[i, cv2.CC_STAT_HEIGHT])
         sl = (slice(y0, y0 + bh), slice(x0, x0 + bw))
         region = labels[sl] == i
-        crop = norm[sl]
+        # The period and direction from the region's pixels within SPECTRUM_HALF_PX of its
+        # centroid (a large region's whole spectrum costs more and says no more).
+        cxi, cyi = round(float(cents[i, 0])), round(float(cents[i, 1]))
+        py0, px0 = max(y0, cyi - SPECTRUM_HALF_PX), max(x0, cxi - SPECTRUM_HALF_PX)
+        psl = (slice(py0, min(y0 + bh, cyi + SPECTRUM_HALF_PX)),
+               slice(px0, min(x0 + bw, cxi + SPECTRUM_HALF_PX)))  # fmt: skip
+        patch = labels[psl] == i
+        if patch.sum() < MIN_REGION_PX:
+            patch, psl = region, sl
         # Extent along the normal bounds the period; the outline's points give the extent.
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)  # fmt: skip
         pts = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
-        period, theta = _region_spectrum(crop, region, max(math.hypot(bh, bw) / 2.0, 3.0))
+        ph_, pw_ = patch.shape
+        max_p = float(np.clip(math.hypot(ph_, pw_) / 2.0, 3.0, MAX_PERIOD_PX))
+        period, theta = _region_spectrum(norm[psl], patch, max_p)
         if not math.isfinite(period):
             continue
         u = pts[:, 0] * math.cos(theta) + pts[:, 1] * math.sin(theta)
-        width = float(u.max() - u.min()) + 1.0
-        if period > width / 2.0:  # fewer than two periods across: no lamellae to measure
+        extent = float(u.max() - u.min()) + 1.0
+        if period > extent / 2.0:  # fewer than two periods across: no lamellae to measure
             continue
-        cx, cy = float(cents[i, 0]) - x0, float(cents[i, 1]) - y0
+        cx, cy = float(cents[i, 0]), float(cents[i, 1])
+        u0 = (cx - x0) * math.cos(theta) + (cy - y0) * math.sin(theta)
+        # On the whole tile around the region: the segment may run past its outline.
+        width, count = _region_profile(norm, labels, i, theta, period, cy, cx,
+                                       (float(u.min()) - u0, float(u.max()) - u0))  # fmt: skip
+        if not math.isfinite(width):
+            continue
         widths.append(width)
         spacings.append(period)
-        counts.append(float(_region_count(crop, region, theta, period, cy, cx)))
+        counts.append(float(count))
     if not widths:
         return none
     return LamellarStats(frac, float(np.mean(widths)), float(np.mean(spacings)),
