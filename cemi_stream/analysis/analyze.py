@@ -27,7 +27,7 @@ import platform
 import resource
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,6 @@ class Settings:
     pixel_size_um: float | None = None
     property_csv: str | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _flat_std(image: np.ndarray) -> float:

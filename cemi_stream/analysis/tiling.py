@@ -206,12 +206,3 @@ def parse_pair(text: str, what: str, kind: type) -> tuple[Any, Any]:
     if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
         raise AnalysisError(f"{what} {text!r}: both must be positive")
     return a, b
-
-
-def describe(images: list[Image]) -> list[dict[str, Any]]:
-    """Names, shapes and pixel sizes, for ``analysis.json``."""
-    return [
-        {"name": im.name, "shape": list(im.array.shape), "dtype": str(im.array.dtype),
-         "pixel_size_um": im.pixel_size_um, "level": im.level}
-        for im in images
-    ]  # fmt: skip

@@ -66,15 +66,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..dashboard.routes import COOKIE as DASHBOARD_COOKIE
+from ..dashboard.routes import CSRF_HEADER, mount_dashboard
 from ..errors import CemiError, ConfigError, RunNotFoundError, RunStateError
 from .options import RunOptions
 
 log = logging.getLogger(__name__)
 
-#: The dashboard's token cookie (set by ``GET /login``) and the header a write
-#: made with it must carry (see :mod:`cemi_stream.dashboard.routes`).
-DASHBOARD_COOKIE = "cemi_token"
-CSRF_HEADER = "x-cemi-csrf"
 
 #: Largest accepted request body, bytes (run options are a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
@@ -662,8 +660,6 @@ def create_app(
                                 run.get("id"), exc)  # fmt: skip
         body = render_metrics(runs, stats, extra=[ApiCollector(counts)])
         return Response(body, media_type=CONTENT_TYPE)
-
-    from ..dashboard.routes import mount_dashboard
 
     app.state.dashboard = mount_dashboard(
         app,

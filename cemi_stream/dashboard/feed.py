@@ -418,11 +418,3 @@ class FeedHub:
         thread = self._thread
         if thread is not None:
             thread.join(timeout=5.0)
-
-
-def disk_free_bytes(path: Path) -> int | None:
-    """Free bytes on the file system of ``path`` (None when it cannot be told)."""
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None

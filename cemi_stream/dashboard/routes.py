@@ -47,6 +47,8 @@ from .feed import FeedHub
 from .tiles import MAX_LEVEL, TILE_PX, TileError
 
 STATIC = Path(__file__).resolve().parent / "static"
+# The token cookie set by GET /login, and the header a write made with it must
+# carry (checked by the API's authorize, cemi_stream.daemon.api).
 COOKIE = "cemi_token"
 CSRF_HEADER = "x-cemi-csrf"
 # Tiles this far outside the mosaic's written chunks are refused (they would be empty).

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+from cemi_stream.daemon.lifecycle import run_processes
 from cemi_stream.daemon.options import RunOptions
 from cemi_stream.daemon.run import RUN_RECORD
 from cemi_stream.daemon.supervisor import Supervisor
@@ -58,20 +59,9 @@ def mosaic(run_dir: Path) -> np.ndarray:
 
 def live_processes(run_dir: Path, timeout_s: float = 15.0) -> list[int]:
     """Processes of the run still alive after ``timeout_s`` (marked with CEMI_RUN_DIR)."""
-    needle = f"CEMI_RUN_DIR={run_dir}".encode() + b"\0"
     deadline = time.monotonic() + timeout_s
     while True:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                env = (entry / "environ").read_bytes() + b"\0"
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in env and state != "Z":
-                found.append(int(entry.name))
+        found = run_processes(run_dir)
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
