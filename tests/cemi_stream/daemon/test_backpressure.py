@@ -24,6 +24,7 @@ pytestmark = [
 
 BASE = "sim:?rows=2&frames_per_row=20&frame_size=256x192&seed=4"
 FRAMES = 40
+SLOW_FPS = 4
 
 
 def wait_done(sup: Supervisor, run_id: str, timeout_s: float = 120.0) -> dict:
@@ -58,11 +59,13 @@ def sup(tmp_path: Path) -> Iterator[Supervisor]:
 
 
 def test_a_slow_stitcher_never_holds_back_a_live_capture(sup: Supervisor) -> None:
-    """Stitcher throttled to 10 frames/s behind a 30 frames/s live device: the capture takes
-    every frame on time (the spool absorbs the difference), none is lost, and the
-    stitcher, fed from the spool, ends with the same positions as an unthrottled run."""
+    """Stitcher throttled to 4 frames/s behind a 30 frames/s live device: the capture takes
+    every frame far faster than the stitcher could (the spool absorbs the difference),
+    none is lost, and the stitcher, fed from the spool, ends with the same positions as
+    an unthrottled run.  (On a loaded machine the simulator itself renders below 30
+    frames/s, hence the comparison with the stitcher's pace, not with the device's.)"""
     slow = sup.data_dir / "slow.toml"
-    slow.write_text("[stitch]\nmax_fps = 10\n")
+    slow.write_text(f"[stitch]\nmax_fps = {SLOW_FPS}\n")
     reference = sup.start(RunOptions(source=BASE, pace="max"))
     assert wait_done(sup, reference)["state"] == "finished"
     run_id = sup.start(RunOptions(source=BASE + "&live=30", pace="native", config_file=str(slow)))
@@ -71,13 +74,15 @@ def test_a_slow_stitcher_never_holds_back_a_live_capture(sup: Supervisor) -> Non
     run_dir = Path(info["run_dir"])
     table = spool_table(run_dir)
     assert [int(r["src_index"]) for r in table] == list(range(FRAMES))  # spool intact
-    # On the device's clock: 40 frames at 30 frames/s arrive over ~1.3 s...
+    # On the device's clock: 40 frames at 30 frames/s arrive over ~1.3 s (idle machine)...
     times = np.array([int(r["capture_time_ns"]) for r in table]) / 1e9
     captured_s = float(times[-1] - times[0])
     stitch = summary(run_dir, "stitch")
-    # ... while the stitcher needs >= 3.9 s for them at 10 frames/s.
-    assert stitch["frames"] == FRAMES and stitch["seconds"] >= 3.5
-    assert captured_s < 2.5, f"the capture was held back: {captured_s:.2f} s for {FRAMES} frames"
+    # ... while the stitcher needs >= 9.75 s for them at 4 frames/s; held back to its
+    # pace, the capture would span as long.
+    paced_s = (FRAMES - 1) / SLOW_FPS
+    assert stitch["frames"] == FRAMES and stitch["seconds"] >= 0.9 * paced_s
+    assert captured_s < 0.6 * paced_s, f"the capture was held back: {captured_s:.2f} s"
     reasons = Counter(r["reason"] for r in decisions(run_dir))
     assert reasons["overrun"] == 0 and reasons["decimated"] == 0
     ref_dir = Path(sup.get(reference)["run_dir"])
