@@ -282,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size-um", type=float, default=None,
                    help="pixel size of images (a mosaic's own metadata wins)")  # fmt: skip
     p.add_argument("--property", metavar="CSV", help="x_um,value[,name] to correlate with")
-    p.add_argument("--scheduler", default="threads", metavar="threads|processes|ADDRESS")
+    p.add_argument("--scheduler", default="auto", metavar="threads|processes|ADDRESS",
+                   help="Dask scheduler (default auto: processes for large mosaics, else "
+                        "threads)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads or processes of a local scheduler (default: one "
+                        "a core)")  # fmt: skip
     _add_common(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -496,7 +501,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tile=parse_pair(args.tile, "--tile", int) if args.tile else None,
         tile_um=parse_pair(args.tile_um, "--tile-um", float) if args.tile_um else None,
         level=args.level, phase=args.phase, method=args.method, segmenter=args.segmenter,
-        window=args.window, t=args.t, scheduler=args.scheduler,
+        window=args.window, t=args.t, scheduler=args.scheduler, workers=args.workers,
         pixel_size_um=args.pixel_size_um, property_csv=args.property, progress=not args.quiet,
     )  # fmt: skip
     summary = analyze(args.source, args.out, settings)

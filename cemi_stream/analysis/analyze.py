@@ -6,8 +6,12 @@ file), rechunked to the tile grid, and every tile is measured by
 (:mod:`~cemi_stream.analysis.phase`), lamellar fraction, width and count
 (:mod:`~cemi_stream.analysis.lamellae`).  Only the per-tile numbers come
 back, so memory stays bounded by a few tiles per worker whatever the
-mosaic's length; ``--scheduler`` picks threads (default), processes, or a
-Dask distributed scheduler at an address (the same graph, on a cluster).
+mosaic's length; ``--scheduler`` picks threads, processes, or a Dask
+distributed scheduler at an address (the same graph, on a cluster).  The
+default ``auto`` takes processes for a mosaic of :data:`PROCESSES_FROM_TILES`
+tiles or more on a machine with more than one core (the measurements hold
+the GIL much of the time: 2 threads gave 1.2x one thread, 2 processes 1.7x,
+on the 2-core dev VM, bench/bench_analysis.py), else threads.
 
 Outputs in ``DIR`` (contract): ``tiles.csv`` (one row per tile), ``maps/``
 (one heatmap per quantity and image), ``profiles.csv`` and ``profiles.png``
@@ -49,6 +53,9 @@ TILES_HEADER = (
 MEASURES = ("valid", "phase_fraction", "lamellar_fraction", "lamellar_width_px", "lamella_count")
 #: Bradley-Roth's t in the paper (its window is the tile width / 8).
 PAPER_T = 0.15
+#: ``--scheduler auto`` starts worker processes from this many tiles (their start, ~2-3 s,
+#: is then paid back).
+PROCESSES_FROM_TILES = 256
 #: A tile is valid when at least this fraction of it is specimen ...
 MIN_VALID_FRACTION = 0.5
 #: ... and its specimen pixels are not flat (standard deviation, grey levels of 8 bits).
@@ -67,7 +74,8 @@ class Settings:
     segmenter: str = "classical"
     window: int | None = None
     t: float | None = None
-    scheduler: str = "threads"
+    scheduler: str = "auto"
+    workers: int | None = None
     pixel_size_um: float | None = None
     property_csv: str | None = None
     progress: bool = True
@@ -122,6 +130,15 @@ def measure_tile(
 
 
 def _measure_block(block: np.ndarray, **kw: Any) -> np.ndarray:
+    import cv2
+
+    from ..allocator import keep_freed_memory
+
+    # One tile per worker thread or process: OpenCV's own threads would only
+    # fight the scheduler's for the same cores.  Reusing freed memory spares the
+    # page faults of every tile's temporaries (cemi_stream.allocator).
+    cv2.setNumThreads(1)
+    keep_freed_memory()
     return measure_tile(np.ascontiguousarray(block), **kw).reshape(1, 1, len(MEASURES))
 
 
@@ -153,7 +170,11 @@ def _compute(images: list[Image], w: int, h: int, s: Settings) -> list[np.ndarra
     graphs = []
     total = 0
     for im in images:
-        arr = im.array.rechunk((h, w))
+        # A mosaic: one task per tile reads its own region from the store (a
+        # rechunk would ship every stored chunk between tasks, and between
+        # processes with the processes scheduler).
+        arr = (da.from_zarr(im.store, chunks=(h, w)) if im.store is not None
+               else im.array.rechunk((h, w)))  # fmt: skip
         graphs.append(
             da.map_blocks(
                 _measure_block,
@@ -174,7 +195,7 @@ def _compute(images: list[Image], w: int, h: int, s: Settings) -> list[np.ndarra
     if s.scheduler in ("threads", "processes", "sync"):
         progress = _Progress(total, "analyze", s.progress)
         with progress.callback:
-            results = dask.compute(*graphs, scheduler=s.scheduler)
+            results = dask.compute(*graphs, scheduler=s.scheduler, num_workers=s.workers)
         progress.bar.close()
         return list(results)
     from distributed import Client
@@ -210,10 +231,13 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
             f"--segmenter {s.segmenter}: this version has the classical detector "
             "('classical', the default) or 'none'; trained U-Net++ segmenters are not in yet"
         )
-    if s.scheduler not in ("threads", "processes", "sync") and "://" not in s.scheduler:
+    if s.scheduler not in ("auto", "threads", "processes", "sync") and "://" not in s.scheduler:
         raise AnalysisError(
-            f"--scheduler {s.scheduler}: choose threads, processes or a tcp://HOST:PORT address"
+            f"--scheduler {s.scheduler}: choose auto, threads, processes or a tcp://HOST:PORT "
+            "address"
         )
+    if s.workers is not None and s.workers < 1:
+        raise AnalysisError(f"--workers {s.workers}: must be >= 1")
     points = read_property(Path(s.property_csv)) if s.property_csv else None
     images = open_images(source, level=s.level, pixel_size_um=s.pixel_size_um)
     w, h = tile_size_px(s.tile, s.tile_um, images[0].pixel_size_um)
@@ -229,8 +253,14 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         method = s.method
         window = s.window
         t = s.t if s.t is not None else PAPER_T
+    scheduler = s.scheduler
+    if scheduler == "auto":
+        n = sum(int(np.prod(_blocks(im.array.shape, w, h))) for im in images)
+        many = n >= PROCESSES_FROM_TILES and (os.cpu_count() or 1) > 1 and s.workers != 1
+        scheduler = "processes" if many else "threads"
     fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
-    run = Settings(**{**fields, "method": method, "window": window, "t": t})
+    run = Settings(**{**fields, "method": method, "window": window, "t": t,
+                      "scheduler": scheduler})  # fmt: skip
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -345,6 +375,8 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
             "window": run.window,
             "t": run.t,
             "scheduler": run.scheduler,
+            "scheduler_requested": s.scheduler,
+            "workers": run.workers or os.cpu_count(),
         },
         "versions": _versions(),
         "images": per_image,
@@ -356,6 +388,11 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
     }
     (out_dir / "analysis.json").write_text(json.dumps(_jsonable(summary), indent=2))
     return summary
+
+
+def _blocks(shape: tuple[int, ...], w: int, h: int) -> tuple[int, int]:
+    """Number of ``(rows, cols)`` tiles of ``w`` x ``h`` px covering an image of ``shape``."""
+    return -(-int(shape[0]) // h), -(-int(shape[1]) // w)
 
 
 def _fmt(value: float, digits: int) -> str:

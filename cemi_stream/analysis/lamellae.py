@@ -971,6 +971,14 @@ def _ends(ok: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _dilate1d(x: np.ndarray, r: int) -> np.ndarray:
+    """``out[i] = any(x[i - r : i + r + 1])``, for any length (``np.convolve(..., "same")``
+    returns the kernel's length when the kernel is the longer)."""
+    c = np.concatenate(([0], np.cumsum(x.astype(np.int64))))
+    i = np.arange(x.size)
+    return (c[np.minimum(i + r + 1, x.size)] - c[np.maximum(i - r, 0)]) > 0
+
+
 def _gauss1d(x: np.ndarray, sigma: float) -> np.ndarray:
     r = max(1, int(3 * sigma + 0.5))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -1022,7 +1030,7 @@ def _region_profile(
     env = 2.0 * np.abs(_gauss1d(z.real, es) + 1j * _gauss1d(z.imag, es))
     # Samples allowed: the region's, widened by ``reach`` along the line.
     r = round(reach / step)
-    allowed = np.convolve(inside.astype(np.int32), np.ones(2 * r + 1, np.int32), mode="same") > 0
+    allowed = _dilate1d(inside, r)
     ref = float(np.median(env[inside]))
     if ref <= 0:
         return math.nan, 0
@@ -1031,7 +1039,7 @@ def _region_profile(
     ok = allowed & (env >= 0.5 * (ref + min(floor, ref)))
     # Bridge dips shorter than two periods (noise), not the region's end.
     gap = max(1, round(2 * ps))
-    grown = np.convolve(ok.astype(np.int32), np.ones(2 * gap + 1, np.int32), "same") > 0
+    grown = _dilate1d(ok, gap)
     ok = allowed & grown & ~_ends(grown, gap)  # a closing
     # The run of ``ok`` holding the inside sample nearest the centroid.
     centre = int(np.flatnonzero(inside)[np.argmin(np.abs(t[inside]))])

@@ -41,6 +41,9 @@ class Image:
         Pixels equal to 0 are not specimen (a mosaic's uncovered area).
     level : int
         Pyramid level read (0 for images); one pixel spans ``2**level`` level-0 pixels.
+    store : zarr.Array or None
+        The zarr array behind ``array`` (a mosaic): tiles are then read from it
+        directly, each task its own region, instead of rechunking the stored chunks.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Image:
     pixel_size_um: float | None
     zero_is_outside: bool
     level: int = 0
+    store: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ def _mosaic_images(path: Path, level: int) -> list[Image]:
     if px is None:
         px = _ngff_pixel_size(attrs)
     pixel = float(px) * 2**level if px else None
-    return [Image("mosaic", da.from_zarr(arr), pixel, True, level)]
+    return [Image("mosaic", da.from_zarr(arr), pixel, True, level, store=arr)]
 
 
 def _ngff_pixel_size(attrs: dict[str, Any]) -> float | None:

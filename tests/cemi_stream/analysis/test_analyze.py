@@ -112,3 +112,25 @@ def test_bad_settings_are_one_line_errors(run_dir: Path, tmp_path: Path, args: l
     ) or "usage" in done.stderr
     missing = cli("analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q")
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+
+def test_schedulers_and_worker_counts_give_the_same_tiles(run_dir: Path, tmp_path: Path) -> None:
+    # The mosaic is read tile by tile from its store; threads, processes and one
+    # worker must agree to the digit, and auto resolves by the tile count.
+    outs = {}
+    for name, settings in {
+        "auto": Settings(tile=(254, 206), progress=False),
+        "one": Settings(tile=(254, 206), scheduler="threads", workers=1, progress=False),
+        "procs": Settings(tile=(254, 206), scheduler="processes", workers=2, progress=False),
+    }.items():
+        summary = analyze(run_dir, tmp_path / name, settings)
+        outs[name] = (tmp_path / name / "tiles.csv").read_text()
+        if name == "auto":  # a few dozen tiles: not worth starting processes
+            assert summary["settings"]["scheduler"] == "threads"
+            assert summary["settings"]["scheduler_requested"] == "auto"
+    assert outs["auto"] == outs["one"] == outs["procs"]
+
+
+def test_zero_workers_is_a_one_line_error(run_dir: Path, tmp_path: Path) -> None:
+    done = cli("analyze", str(run_dir), "--out", str(tmp_path / "o"), "--workers", "0", "-q")
+    assert done.returncode == 2 and "--workers 0: must be >= 1" in done.stderr

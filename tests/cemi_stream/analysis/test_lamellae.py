@@ -193,3 +193,17 @@ def test_uhcs_pearlite_is_more_lamellar_than_spheroidite(data_dir: Path) -> None
     auc = float((p[:, None] > s[None, :]).mean() + 0.5 * (p[:, None] == s[None, :]).mean())
     assert auc >= 0.85, (auc, p, s)  # 0.91 on these 12 + 10; 0.95 on all 40 + 10
     assert np.median(p) > 2 * np.median(s)
+
+
+def test_profile_dilation_holds_for_profiles_shorter_than_its_kernel() -> None:
+    # A region at a tile corner gives a profile of a few samples; np.convolve's
+    # "same" mode returned the kernel's length there and the detector crashed on
+    # real mosaic tiles.
+    from cemi_stream.analysis.lamellae import _dilate1d
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 50, 200):
+        for r in (1, 3, 30, 100):
+            x = rng.random(n) < 0.1
+            ref = np.array([x[max(0, i - r) : i + r + 1].any() for i in range(n)])
+            assert np.array_equal(_dilate1d(x, r), ref), (n, r)
