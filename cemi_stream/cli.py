@@ -135,6 +135,12 @@ def _add_replay_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pixel-size-um", type=float, metavar="X")
     p.add_argument("--layout", choices=["auto", "raster", "serpentine"])
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="measure the microstructure tile by tile as the mosaic settles, into "
+        "RUN_DIR/analysis (settings: the configuration's [analysis])",
+    )
     _add_levels(p)
     _add_stitch_options(p)
 
@@ -416,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_denoise_stage)
 
     p = sub.add_parser(
+        "analyze-stage",
+        help="run the analysis process on a run directory (started by replay --analyze)",
+        description="Follow the stitch stage of DIR: measure each tile of the mosaic as soon as "
+        "no later frame will change it (DIR/settled.json), appending to "
+        "DIR/analysis/tiles.jsonl and rewriting DIR/analysis (tiles.csv, maps, profiles) as it "
+        "goes; once the mosaic is final, measure what is missing and write the outputs of "
+        "'analyze DIR'.  Restarted on the same DIR, it carries on from its journal.  Settings: "
+        "the configuration's [analysis] section, or the options below.",
+    )
+    p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
+    p.add_argument("--tile", metavar="WxH", help="tile size in pixels (config: analysis.tile)")
+    p.add_argument("--phase", choices=["dark", "bright"], help="config: analysis.phase")
+    p.add_argument("--method", metavar="auto|bradley|otsu|multiotsu",
+                   help="config: analysis.method")  # fmt: skip
+    p.add_argument("--segmenter", metavar="NAME|PATH|none", help="config: analysis.segmenter")
+    _add_common(p)
+    p.set_defaults(func=cmd_analyze_stage)
+
+    p = sub.add_parser(
         "replay",
         help="capture and stitch a recorded source (image folder, video, TIFF stack) at full speed",
         description="Run the capture and stitch processes over SOURCE and finalise RUN_DIR: "
@@ -682,6 +707,51 @@ def cmd_denoise_stage(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if summary.stopped_by == "stop_request" else 0
 
 
+def cmd_analyze_stage(args: argparse.Namespace) -> int:
+    """``analyze-stage``: the analysis process of a run."""
+    extra: dict[str, Any] = {}
+    for key in ("tile", "phase", "method", "segmenter"):
+        if getattr(args, key) is not None:
+            extra[f"analysis.{key}"] = getattr(args, key)
+    config = _config(args, extra)
+    _setup_logging(args, config)
+    from .analysis.analyze import Settings
+    from .analysis.live import run_analysis_stage
+    from .analysis.tiling import parse_pair
+    from .daemon.stats import StatsWriter
+
+    a = config.analysis
+    settings = Settings(
+        tile=parse_pair(a.tile, "analysis.tile", int), phase=a.phase, method=a.method,
+        segmenter=a.segmenter, progress=False,
+    )  # fmt: skip
+    stats = StatsWriter(args.run_dir, "analyze")
+    stats.start()
+
+    def on_step(stage: Any, n: int) -> None:
+        if n:
+            stats.frame_out(n)
+        stats.set_extra(tiles=len(stage.journal.tiles))
+
+    stop = threading.Event()
+    error: str | None = None
+    try:
+        with _stop_on_signals(stop):
+            summary = run_analysis_stage(
+                args.run_dir, settings, maps_every_s=a.maps_every_s, stop=stop, on_step=on_step
+            )
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        stats.close(error)
+    if summary is None:
+        return EXIT_INTERRUPTED
+    log.info("analysis: %d tiles (%d measured live)", summary["tiles"],
+             summary["live"]["tiles_measured_live"])  # fmt: skip
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """``replay``: capture + stitch of a recorded source."""
     from .replay import run_replay
@@ -702,6 +772,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         levels=args.levels,
         stitch_args=_stitch_args(args),
+        analyze=args.analyze,
     )
     counts, mosaic = summary["counts"], summary["mosaic"]
     lines, code = stitch_report(
@@ -713,6 +784,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         predicted=summary.get("predicted", []), seconds=summary["timings"]["wall_s"],
         allow_predicted=args.allow_predicted, what="replay",
     )  # fmt: skip
+    an = summary.get("analysis")
+    if an:
+        lines.append(
+            f"analysis: {an['tiles']} tiles ({an['valid_tiles']} valid, {an['measured_live']} "
+            f"measured while stitching) in {an['dir']}"
+        )
     _emit(lines)
     return code
 

@@ -273,6 +273,36 @@ class DenoiseConfig:
     listen: str | None = None
 
 
+# Phase-fraction methods of the analysis (cemi_stream.analysis.phase; no import here).
+ANALYSIS_METHODS = ("auto", "bradley", "otsu", "multiotsu")
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisConfig:
+    """The live analysis stage (``analyze-stage``; ``replay --analyze``, run option ``analyze``).
+
+    Attributes
+    ----------
+    tile : str
+        Tile size ``WxH`` in pixels (the paper's 508 x 413).
+    phase : {"dark", "bright"}
+        The phase whose area fraction is measured.
+    method : str
+        Phase-fraction method (``auto``, ``bradley``, ``otsu``, ``multiotsu``).
+    segmenter : str
+        Lamellar regions: ``classical``, ``none`` or a segmenter model.
+    maps_every_s : float
+        Seconds between rewrites of ``RUN_DIR/analysis`` (tiles.csv, maps,
+        profiles) while the run goes on.
+    """
+
+    tile: str = "508x413"
+    phase: Literal["dark", "bright"] = "dark"
+    method: str = "auto"
+    segmenter: str = "classical"
+    maps_every_s: float = 15.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon configuration."""
@@ -282,6 +312,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     stitch: StitchConfig = field(default_factory=StitchConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -442,6 +473,18 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"denoise.workers: {dn.workers} is outside 1..64")
     if dn.listen is not None and not dn.listen.startswith("tcp://"):
         raise ConfigError(f"denoise.listen: {dn.listen!r} is not a tcp:// endpoint")
+    an = config.analysis
+    parts = an.tile.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 16 for p in parts):
+        raise ConfigError(f"analysis.tile: {an.tile!r} must be WxH pixels, each at least 16")
+    if an.method not in ANALYSIS_METHODS:
+        raise ConfigError(
+            f"analysis.method: {an.method!r} is unknown (choose from {', '.join(ANALYSIS_METHODS)})"
+        )
+    if not an.segmenter.strip():
+        raise ConfigError("analysis.segmenter: empty (classical, none or a model)")
+    if not 0.5 <= an.maps_every_s <= 3600:
+        raise ConfigError(f"analysis.maps_every_s: {an.maps_every_s} is outside 0.5..3600 s")
 
 
 def _check_pipes(key: str, pipes: list[str]) -> None:

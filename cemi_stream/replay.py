@@ -34,7 +34,7 @@ from . import __version__
 from .capture.spool import SPOOL_DIR, TABLE_NAME
 from .daemon.options import RunOptions
 from .daemon.run import Run, new_run_id
-from .daemon.stages import DENOISE, check_denoise
+from .daemon.stages import ANALYZE, DENOISE, check_denoise
 from .errors import CemiError, ConfigError
 from .progress import Progress
 from .stitch.feed import DENOISED_DIR
@@ -84,6 +84,7 @@ def run_replay(
     progress: bool = True,
     levels: str | None = None,
     stitch_args: list[str] | None = None,
+    analyze: bool = False,
 ) -> dict[str, Any]:
     """Capture, denoise (optionally) and stitch ``source`` into ``run_dir``.
 
@@ -110,6 +111,9 @@ def run_replay(
     stitch_args : list of str or None
         Further options of the stitch process (``--grid``, ``--order``,
         ``--serpentine``, ``--overlap``).
+    analyze : bool
+        Add the analysis stage (:mod:`cemi_stream.analysis.live`): tiles are
+        measured as the mosaic settles, into ``run_dir/analysis``.
 
     Returns
     -------
@@ -130,7 +134,7 @@ def run_replay(
         keyframes=keyframes,  # type: ignore[arg-type]
         levels=levels, pixel_size_um=pixel_size_um,
         layout=layout,  # type: ignore[arg-type]
-        config_file=config_file, **_grid_options(stitch_args or []),
+        config_file=config_file, analyze=analyze, **_grid_options(stitch_args or []),
     )  # fmt: skip
     denoised = run_dir / DENOISED_DIR
     if (run_dir / SPOOL_DIR).exists() or (denoised / SPOOL_DIR).exists():
@@ -155,6 +159,8 @@ def run_replay(
         raise CemiError(run.reason or f"replay ended {run.state}")
     seconds = time.monotonic() - started
     summary = _run_summary(run_dir, source, seconds, denoise=model_path is not None)
+    if analyze:
+        summary["analysis"] = _analysis_summary(run_dir)
     (run_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
@@ -168,7 +174,24 @@ def _show_progress(bar: Progress, run: Run) -> None:
     if DENOISE in run.stages:
         denoised = _count_lines(run_dir / DENOISED_DIR / SPOOL_DIR / TABLE_NAME)
         extra += f", {denoised} denoised"
+    if ANALYZE in run.stages:
+        extra += f", {_count_lines(run_dir / 'analysis' / 'tiles.jsonl') + 1} tiles analysed"
     bar.update(stitched, extra)
+
+
+def _analysis_summary(run_dir: Path) -> dict[str, Any]:
+    """The analysis stage's outcome, for ``run.json`` and the closing lines."""
+    path = run_dir / "analysis" / "analysis.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        "dir": str(path.parent),
+        "tiles": data["tiles"],
+        "valid_tiles": sum(im["valid_tiles"] for im in data["images"]),
+        "measured_live": data["live"]["tiles_measured_live"],
+        "measured_at_the_end": data["live"]["tiles_measured_at_the_end"],
+        "settings": data["settings"],
+        "means": {k: v for k, v in data["images"][0].items() if k.startswith("mean_")},
+    }
 
 
 def _run_summary(run_dir: Path, source: str, seconds: float, denoise: bool) -> dict[str, Any]:

@@ -219,9 +219,35 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
     AnalysisError
         Bad source or settings (one line, naming the thing and the reason).
     """
+    p = plan(source, settings)
+    t0 = time.perf_counter()
+    results = _compute(p.images, p.w, p.h, p.run)
+    return write_outputs(p, results, out_dir, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated analysis: what to read, the tile size and the resolved settings."""
+
+    source: str
+    images: list[Image]
+    w: int
+    h: int
+    run: Settings
+    requested: Settings
+    points: Any = None
+
+
+def resolve_settings(s: Settings, w: int, n_tiles: int) -> Settings:
+    """``s`` with ``auto`` method and scheduler resolved for ``n_tiles`` tiles ``w`` px wide.
+
+    Raises
+    ------
+    AnalysisError
+        Unknown phase, method, segmenter or scheduler, or a bad worker count.
+    """
     from .phase import PHASE_METHODS, auto_settings
 
-    s = settings
     if s.phase not in ("dark", "bright"):
         raise AnalysisError(f"--phase {s.phase}: choose dark or bright")
     if s.method not in ("auto", *PHASE_METHODS):
@@ -238,9 +264,6 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         )
     if s.workers is not None and s.workers < 1:
         raise AnalysisError(f"--workers {s.workers}: must be >= 1")
-    points = read_property(Path(s.property_csv)) if s.property_csv else None
-    images = open_images(source, level=s.level, pixel_size_um=s.pixel_size_um)
-    w, h = tile_size_px(s.tile, s.tile_um, images[0].pixel_size_um)
     # auto: the method and settings chosen by measurement on the labelled superalloys
     # (cemi_stream.analysis.phase); an explicit --window/--t still wins.  An explicit
     # bradley without them is the paper's: window = width / 8, t = 0.15.
@@ -255,17 +278,48 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         t = s.t if s.t is not None else PAPER_T
     scheduler = s.scheduler
     if scheduler == "auto":
-        n = sum(int(np.prod(_blocks(im.array.shape, w, h))) for im in images)
-        many = n >= PROCESSES_FROM_TILES and (os.cpu_count() or 1) > 1 and s.workers != 1
+        many = n_tiles >= PROCESSES_FROM_TILES and (os.cpu_count() or 1) > 1 and s.workers != 1
         scheduler = "processes" if many else "threads"
     fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
-    run = Settings(**{**fields, "method": method, "window": window, "t": t,
-                      "scheduler": scheduler})  # fmt: skip
+    return Settings(**{**fields, "method": method, "window": window, "t": t,
+                       "scheduler": scheduler})  # fmt: skip
+
+
+def plan(source: str | Path, settings: Settings) -> Plan:
+    """Open ``source`` and resolve ``settings`` (:func:`resolve_settings`), reading no pixel yet."""
+    s = settings
+    resolve_settings(s, 508, 0)  # the option checks first, before any file is opened
+    points = read_property(Path(s.property_csv)) if s.property_csv else None
+    images = open_images(source, level=s.level, pixel_size_um=s.pixel_size_um)
+    w, h = tile_size_px(s.tile, s.tile_um, images[0].pixel_size_um)
+    n = sum(int(np.prod(_blocks(im.array.shape, w, h))) for im in images)
+    return Plan(str(source), images, w, h, resolve_settings(s, w, n), s, points)
+
+
+def write_outputs(p: Plan, results: list[np.ndarray], out_dir: Path, seconds: float,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write tiles.csv, maps, profiles, analysis.json (and correlation) from tile numbers.
+
+    Parameters
+    ----------
+    p : Plan
+        The analysis.
+    results : list of ndarray
+        Per image of ``p.images``, the ``(rows, cols, len(MEASURES))`` numbers
+        of its tile grid; a tile whose ``valid`` is nan is not measured (yet):
+        it is left out of ``tiles.csv`` and of the maps and profiles.
+    out_dir : Path
+        Where to write.
+    seconds : float
+        Compute time, for the summary.
+    extra : dict, optional
+        More entries for ``analysis.json``.
+    """
+    images, w, h, run, s, points, source = (p.images, p.w, p.h, p.run, p.requested, p.points,
+                                            p.source)  # fmt: skip
+    method = run.method
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    results = _compute(images, w, h, run)
-    seconds = time.perf_counter() - t0
     rows_out: list[list[Any]] = []
     profiles_rows: list[list[Any]] = []
     per_image: list[dict[str, Any]] = []
@@ -277,11 +331,13 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         rows = max(g.row for g in grid) + 1
         cols = max(g.col for g in grid) + 1
         res = res[:rows, :cols]
-        n_tiles += rows * cols
+        n_tiles += int(np.isfinite(res[..., 0]).sum())  # measured tiles
         scale = 2**im.level
         px_um = im.pixel_size_um
         for g in grid:
             v = res[g.row, g.col]
+            if not math.isfinite(v[0]):
+                continue  # not measured yet (a live analysis)
             valid = bool(v[0] == 1.0)
             cx, cy = (g.x0 + g.w / 2) * scale, (g.y0 + g.h / 2) * scale
             width_um = v[3] * px_um if px_um and math.isfinite(v[3]) else math.nan
@@ -339,16 +395,12 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
             **{f"mean_{q}": _mean_or_none(np.where(valid_grid, v, np.nan))
                for q, v in quantities.items()},
         })  # fmt: skip
-    with open(out_dir / "tiles.csv", "w", encoding="utf-8", newline="") as f:
-        f.write(TILES_HEADER + "\n")
-        csv.writer(f, lineterminator="\n").writerows(rows_out)
+    _write_text(out_dir / "tiles.csv", rows_out, TILES_HEADER)
     width_name = "lamellar_width_um" if images[0].pixel_size_um else "lamellar_width_px"
-    with open(out_dir / "profiles.csv", "w", encoding="utf-8", newline="") as f:
-        head = ["image", "col", "x_px", "x_um", "valid_tiles"]
-        for q in ("phase_fraction", "lamellar_fraction", width_name, "lamella_count"):
-            head += [f"{q}_mean", f"{q}_std"]
-        f.write(",".join(head) + "\n")
-        csv.writer(f, lineterminator="\n").writerows(profiles_rows)
+    head = ["image", "col", "x_px", "x_um", "valid_tiles"]
+    for q in ("phase_fraction", "lamellar_fraction", width_name, "lamella_count"):
+        head += [f"{q}_mean", f"{q}_std"]
+    _write_text(out_dir / "profiles.csv", profiles_rows, ",".join(head))
     correlation = None
     if points is not None:
         if not profile_x_um:
@@ -359,7 +411,7 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         profs = {q_names[q]: np.array(v, float) for q, v in profile_means.items()}
         tile_um = w * (images[0].pixel_size_um or 0.0)
         correlation = correlate(np.array(profile_x_um), profs, points, tile_um)
-        (out_dir / "correlation.json").write_text(json.dumps(_jsonable(correlation), indent=2))
+        _write_json(out_dir / "correlation.json", _jsonable(correlation))
         draw_correlation(correlation, out_dir / "correlation.png")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary: dict[str, Any] = {
@@ -386,8 +438,28 @@ def analyze(source: str | Path, out_dir: Path, settings: Settings) -> dict[str, 
         "peak_rss_mb": round(rss_mb, 1),
         "correlation": _jsonable(correlation) if correlation is not None else None,
     }
-    (out_dir / "analysis.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    summary.update(extra or {})
+    _write_json(out_dir / "analysis.json", _jsonable(summary))
     return summary
+
+
+def _write_text(path: Path, rows: list[list[Any]], header: str) -> None:
+    """A CSV written whole and renamed into place: a reader (the dashboard, a live
+    analysis's user) never sees half a file."""
+    import io
+
+    buf = io.StringIO()
+    buf.write(header + "\n")
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _blocks(shape: tuple[int, ...], w: int, h: int) -> tuple[int, int]:

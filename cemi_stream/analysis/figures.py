@@ -32,6 +32,16 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Save as PNG under a temporary name and rename: a reader never sees half an image."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
 def draw_map(
     values: np.ndarray,
     quantity: str,
@@ -63,7 +73,7 @@ def draw_map(
     bar = fig.colorbar(image, ax=ax, fraction=0.046 if aspect_w < 4 else 0.02, pad=0.02)
     bar.set_label(f"{label} ({unit})" if unit else label)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -93,7 +103,7 @@ def draw_profiles(
     axes[-1, 0].set_xlabel(f"x ({x_unit})")
     axes[0, 0].set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -119,5 +129,5 @@ def draw_correlation(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)

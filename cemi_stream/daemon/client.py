@@ -57,6 +57,7 @@ REPLAY_FIELDS: dict[str, str] = {
     "serpentine": "serpentine",
     "grid_overlap": "overlap",
     "allow_predicted": "allow_predicted",
+    "analyze": "analyze",
     "config": "config_file",
 }
 #: Options ``start`` has beyond ``replay``'s.

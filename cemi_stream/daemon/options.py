@@ -80,6 +80,9 @@ class RunOptions:
         With ``grid``: nominal tile overlap, ``F`` or ``FX,FY`` (fractions).
     allow_predicted : bool
         A run with more than half of its frames predicted still succeeds.
+    analyze : bool
+        Add the analysis stage: tiles measured as the mosaic settles, in
+        ``RUN_DIR/analysis`` (settings: the configuration's ``[analysis]``).
     name : str or None
         A label for listings (letters, digits, ``._ -``; at most 64).
     config_file : str or None
@@ -101,6 +104,7 @@ class RunOptions:
     serpentine: bool = False
     overlap: str | None = None
     allow_predicted: bool = False
+    analyze: bool = False
     name: str | None = None
     config_file: str | None = None
 

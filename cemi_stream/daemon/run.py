@@ -66,7 +66,7 @@ from ..errors import CemiError
 from ..stitch.feed import DENOISED_DIR
 from .lifecycle import spawn
 from .options import RunOptions
-from .stages import CAPTURE, DENOISE, stage_commands
+from .stages import ANALYZE, CAPTURE, DENOISE, stage_commands
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class StageProcess:
     Attributes
     ----------
     name : str
-        ``capture``, ``denoise`` or ``stitch``.
+        ``capture``, ``denoise``, ``stitch`` or ``analyze``.
     command : list of str
         Its command line.
     proc : subprocess.Popen or None
@@ -405,6 +405,9 @@ class Run:
         """Whether stage ``name`` finished in an earlier process (resume)."""
         if name == DENOISE:
             return (self.run_dir / DENOISED_DIR / "denoise.json").is_file()
+        if name == ANALYZE:
+            data = _read_json(self.run_dir / "analysis" / "analysis.json") or {}
+            return "live" in data  # written by the stage's final step only
         if name == CAPTURE:
             data = _read_json(self.run_dir / "capture.json") or {}
             summary = data.get("summary", {})

@@ -9,7 +9,9 @@ goes to ``RUN_DIR/STAGE.stderr``):
 * ``denoise-stage --run-dir RUN_DIR --backend B --model PATH``;
 * ``stitch --run-dir RUN_DIR --allow-predicted`` (plus ``--frames-dir
   RUN_DIR/denoised``): the stitch process never fails on predicted frames,
-  the caller judges the run.
+  the caller judges the run;
+* ``analyze-stage --run-dir RUN_DIR`` with the ``analyze`` option: tiles
+  measured as the stitcher settles them (:mod:`cemi_stream.analysis.live`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from ..errors import ConfigError, DenoiseError
 from ..stitch.feed import DENOISED_DIR
 from .options import RunOptions
 
-CAPTURE, DENOISE, STITCH = "capture", "denoise", "stitch"
+CAPTURE, DENOISE, STITCH, ANALYZE = "capture", "denoise", "stitch", "analyze"
 # Every stage a run can have, in the order they are started.
-STAGES = (DENOISE, CAPTURE, STITCH)
+STAGES = (DENOISE, CAPTURE, STITCH, ANALYZE)
 
 
 def check_denoise(denoise: str, model: str | None, config_file: str | None) -> Path | None:
@@ -100,7 +102,7 @@ def stage_commands(
     Returns
     -------
     dict of str to list of str
-        ``denoise`` (when on), ``capture``, ``stitch``.
+        ``denoise`` (when on), ``capture``, ``stitch``, ``analyze`` (when on).
     """
     run_dir = Path(run_dir)
     if options.denoise != "off" and model_path is None:
@@ -131,4 +133,6 @@ def stage_commands(
         stitch += ["--frames-dir", str(run_dir / DENOISED_DIR)]
     commands[CAPTURE] = capture
     commands[STITCH] = stitch
+    if options.analyze:
+        commands[ANALYZE] = [*module, "analyze-stage", "--run-dir", str(run_dir), *common]
     return commands

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 MOSAIC_DIR = "mosaic.ome.zarr"
 SUMMARY = "stitch.json"
+# Which part of the live mosaic no later frame will change (the live analysis reads it).
+SETTLED = "settled.json"
+SETTLED_VERSION = 1
 PREVIEW = "preview.png"
 SKIPPED = "skipped"
 # The first frame goes this far inside the canvas's first chunk, so that the
@@ -103,11 +106,21 @@ class Assembler:
     load : callable
         ``load(seq) -> image``: frames are read back (from the spool) when
         they are rendered instead of being held for two rows.
+    on_settled : callable, optional
+        ``on_settled(state)`` after each render: :meth:`settled_state`.
     """
 
-    def __init__(self, canvas: MosaicCanvas, load: Callable[[int], np.ndarray]) -> None:
+    def __init__(
+        self,
+        canvas: MosaicCanvas,
+        load: Callable[[int], np.ndarray],
+        on_settled: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.canvas = canvas
         self.load = load
+        self.on_settled = on_settled
+        self.rendered_bbox: list[float] | None = None
+        self.row_centres: dict[int, tuple[float, float]] = {}
         self.placements: dict[int, Placement] = {}
         self.constraints: list[Constraint] = []
         self.fixed: dict[int, tuple[float, float]] = {}
@@ -142,7 +155,44 @@ class Assembler:
         for row in sorted(render_rows):
             seqs = self.rows.pop(row)
             self._render_row(seqs, solution.positions)
+            pts = [solution.positions[s] for s in seqs]
+            self.row_centres[row] = (float(np.mean([p[0] for p in pts])),
+                                     float(np.mean([p[1] for p in pts])))  # fmt: skip
         self.render_s += time.perf_counter() - t0
+        if self.on_settled is not None and render_rows:
+            self.on_settled(self.settled_state(solution.positions))
+
+    def settled_state(self, positions: dict[int, tuple[float, float]]) -> dict[str, Any]:
+        """What of the mosaic is final: ``settled.json`` (mosaic pixels, canvas margin included).
+
+        ``rendered_bbox`` ``[x0, y0, x1, y1]`` holds every rendered frame;
+        ``pending_bbox`` the frames placed but not rendered (their latest
+        positions; None when none); ``progress`` the unit vector from the
+        rendered rows' centre to the pending rows' (the way later rows come).
+        Everything rendered that lies behind the pending frames, seen along
+        ``progress``, is final: later frames land on the pending rows or
+        beyond them.
+        """
+        m = CANVAS_MARGIN_PX
+        h, w = self.canvas.frame_shape
+        pending = [positions.get(s, (self.placements[s].x, self.placements[s].y))
+                   for seqs in self.rows.values() for s in seqs]  # fmt: skip
+        progress = None
+        if pending and self.row_centres:
+            done = np.mean(list(self.row_centres.values()), axis=0)
+            ahead = np.mean(pending, axis=0)
+            d = ahead - done
+            n = float(np.hypot(*d))
+            progress = [float(d[0] / n), float(d[1] / n)] if n > 0 else None
+        return {
+            "version": SETTLED_VERSION,
+            "frames_rendered": len(self.fixed),
+            "frame_shape": [h, w],
+            "rendered_bbox": self.rendered_bbox,
+            "pending_bbox": [v + m for v in _bbox(pending, w, h)] if pending else None,
+            "progress": progress,
+            "time": time.time(),
+        }
 
     def _render_row(self, seqs: list[int], positions: dict[int, tuple[float, float]]) -> None:
         m = CANVAS_MARGIN_PX
@@ -150,10 +200,14 @@ class Assembler:
             x, y = positions[seq]
             self.canvas.add(self.load(seq), x + m, y + m)
             self.fixed[seq] = (x, y)
+            h, w = self.canvas.frame_shape
+            box = [x + m, y + m, x + m + w, y + m + h]
+            rb = self.rendered_bbox
+            self.rendered_bbox = box if rb is None else [
+                min(rb[0], box[0]), min(rb[1], box[1]), max(rb[2], box[2]), max(rb[3], box[3])]
             rest = [(px + m, py + m) for px, py in (positions[s] for s in seqs[k + 1 :])]
             # Chunks no later frame of this row touches are written now; the
             # next row re-opens the ones it overlaps, so RAM holds ~one frame.
-            h, w = self.canvas.frame_shape
             keep = [_bbox(rest, w, h)] if rest else []
             self.canvas.flush(keep)
 
@@ -257,7 +311,18 @@ def _render_main(
             path / MOSAIC_DIR, frame_shape,
             pixel_size_um=pixel_size_um, chunk=chunk_px, overwrite=True,
         )  # fmt: skip
-        assembler = Assembler(canvas, SpoolFrames(Path(frames_dir)).image)
+        settled = path / SETTLED
+
+        def write_settled(state: dict[str, Any]) -> None:
+            # The chunk files of what it describes are written first (the
+            # reader trusts them once settled.json says so).
+            canvas.sync()
+            tmp = settled.with_name(settled.name + ".tmp")
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, settled)
+
+        settled.unlink(missing_ok=True)  # a rebuilt mosaic: nothing is settled yet
+        assembler = Assembler(canvas, SpoolFrames(Path(frames_dir)).image, write_settled)
         while (text := inbox.get()) is not None:
             assembler.add(record_to_placement(json.loads(text)))
         positions = assembler.finish()

@@ -290,13 +290,14 @@ def malformed_requests(seed: int, n: int) -> Iterator[tuple[str, str, dict[str, 
         elif kind == 4:  # wrong types and values
             field = rng.choice([f for f in OPTION_FIELDS if f != "source"])
             value = rng.choice(wrong_values)
-            if field in ("serpentine", "allow_predicted") and value is True:
+            if field in ("serpentine", "allow_predicted", "analyze") and value is True:
                 value = "yes"
             if field == "pixel_size_um" and value in (7, 1e308):
                 value = -value
             if field == "name" and isinstance(value, str) and value in ("", " "):
                 value = None  # (an empty name would be the default: not malformed)
-            if value is None and field not in ("pace", "denoise", "serpentine", "allow_predicted"):
+            if value is None and field not in ("pace", "denoise", "serpentine", "allow_predicted",
+                                               "analyze"):  # fmt: skip
                 value = {"bad": 1}
             yield "POST", "/api/runs", {"headers": headers,
                                         "json": {"source": "sim:", field: value}}  # fmt: skip
