@@ -54,19 +54,24 @@ Tile values are plain means over the tile's regions, as in the paper.
 
 Detection (:func:`lamellar_mask`).  On square windows of ``window_px`` (the
 tile, non-overlapping) and on windows of twice that (its 2x-downsampled copy,
-half-overlapping, for long periods), the gradient-weighted power spectrum
-(``|k|^2 P(k)``, so that shading and single edges do not dominate) gives: the
-peak's period and direction; within an octave of the peak, the structure
-tensor (by Parseval, that of the band-passed window) and its coherence, and the
-periodicity, the autocorrelation of the band-passed gradient at one period
-along the wave vector (~1 for lamellae, ~0 for isotropic texture, <= 0.3 for a
-single edge, line or bar); and the amplitude of the sinusoid at the peak.  A
-window is lamellar when coherence, periodicity and amplitude (relative to the
-tile's 1-99 % grey-level range) pass their thresholds and the peak agrees with
-the tensor's direction.  The lamellar windows' cells are then refined within an
-eighth of a window of their outline: pixels are kept where the structure tensor
-(averaged over about 1.5 periods) has a coherence, and energy, past the midpoint
-between the cells' and the rest's; small pieces are dropped.
+half-overlapping, for long periods), the local power spectrum
+(:mod:`~cemi_stream.analysis.lamellae_spectrum`) gives each window's period
+and direction, the coherence of its band-limited structure tensor, its
+periodicity (the autocorrelation at one period along the wave vector) and the
+amplitude of its lamellae.  A window is lamellar when coherence, periodicity
+and amplitude (relative to the tile's 1-99 % grey-level range) pass their
+thresholds and the peak agrees with the tensor's direction.  The lamellar
+windows' cells are then refined within an eighth of a window of their outline:
+pixels are kept where the structure tensor (averaged over about 1.5 periods)
+has a coherence, and energy, past the midpoint between the cells' and the
+rest's; small pieces are dropped.
+
+Modules: the per-window spectrum and :func:`local_period` in
+:mod:`~cemi_stream.analysis.lamellae_spectrum`, the per-region period, width
+and count in :mod:`~cemi_stream.analysis.lamellae_region`, input checks and
+:func:`orientation_coherence` in :mod:`~cemi_stream.analysis.lamellae_common`,
+:func:`synthetic_lamellae` in :mod:`~cemi_stream.analysis.lamellae_synthetic`;
+all are importable from here.
 
 Thresholds (``MIN_COHERENCE``, ``MIN_PERIODICITY``, ``MIN_CONTRAST``): chosen on
 the UHCS steel micrographs (a small grid with a plateau of ROC AUC 0.95-0.97;
@@ -87,9 +92,30 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import scipy.fft
 
 from ..errors import AnalysisError
+from .lamellae_common import (
+    _angle_coherence,
+    _as_float,
+    _as_mask,
+    _check_number,
+    _check_window,
+    _normalised,
+    _wrap,
+    orientation_coherence,
+)
+from .lamellae_region import PROFILE_REACH_PX as PROFILE_REACH_PX
+from .lamellae_region import _dilate1d as _dilate1d
+from .lamellae_region import _region_profile, _region_spectrum
+from .lamellae_spectrum import (
+    MIN_CYCLES,
+    MIN_PERIOD_PX,
+    LocalPeriod,
+    _Features,
+    _spectrum_features,
+    local_period,
+)
+from .lamellae_synthetic import synthetic_lamellae
 
 __all__ = [
     "AnalysisError",
@@ -108,15 +134,8 @@ MIN_COHERENCE = 0.35
 MIN_PERIODICITY = 0.1
 #: Default least lamellar amplitude relative to the tile's 1-99 % grey-level range.
 MIN_CONTRAST = 0.03
-#: Shortest period looked for, px (Nyquist is 2).
-MIN_PERIOD_PX = 2.5
-#: Windows hold at least this many periods (the longest period is ``window / this``).
-MIN_CYCLES = 3.0
 #: Largest angle between the spectral peak and the tensor's direction, rad.
 MAX_ANGLE_DIFF = math.radians(25.0)
-#: How far the segment across a region may run past the region's outline, px (the
-#: outline of :func:`lamellar_mask` follows its 64-px windows, refined by only 8 px).
-PROFILE_REACH_PX = 32.0
 #: Longest period :func:`lamellar_stats` looks for, px (what the default windows detect).
 MAX_PERIOD_PX = 48.0
 #: A region's period and direction come from its pixels within this many px of its centroid.
@@ -151,416 +170,6 @@ class LamellarStats:
     spacing_px: float
     count: float
     regions: int
-
-
-@dataclass(frozen=True)
-class LocalPeriod:
-    """Dominant period of square windows of a tile (:func:`local_period`).
-
-    All arrays are ``(ny, nx)`` float32, one value per window.
-
-    Attributes
-    ----------
-    period_px : ndarray
-        Period at the window's spectral peak, px.
-    angle_rad : ndarray
-        Direction of the peak's wave vector (across the lamellae), rad in
-        ``[-pi/2, pi/2)``.
-    strength : ndarray
-        Share of the band's gradient-weighted power in the 3 x 3 peak, 0..1.
-    periodicity : ndarray
-        Autocorrelation of the band-passed gradient at a lag of one period
-        along the wave vector (corrected for the taper): ~1 for lamellae, ~0
-        for a single edge, line or bar, for noise and for isotropic texture.
-    amplitude : ndarray
-        Amplitude of the sinusoid at the peak, in units of the tile's
-        standard deviation.
-    coherence : ndarray
-        Coherence of the window's band-limited structure tensor, 0..1.
-    y_px, x_px : ndarray
-        ``(ny,)`` and ``(nx,)``: window centres, px.
-    window_px : int
-        Window side, px.
-    """
-
-    period_px: np.ndarray
-    angle_rad: np.ndarray
-    strength: np.ndarray
-    periodicity: np.ndarray
-    amplitude: np.ndarray
-    coherence: np.ndarray
-    y_px: np.ndarray
-    x_px: np.ndarray
-    window_px: int
-
-
-# --------------------------------------------------------------------------- input
-
-
-def _as_float(tile: np.ndarray, name: str = "tile") -> np.ndarray:
-    """``tile`` as float32, checked: a 2-D numeric finite array."""
-    if not isinstance(tile, np.ndarray):
-        raise AnalysisError(f"{name}: expected a numpy array, got {type(tile).__name__}")
-    if tile.ndim != 2:
-        raise AnalysisError(f"{name}: expected a 2-D (y, x) array, got shape {tile.shape}")
-    if tile.dtype.kind not in "uif" or tile.size == 0:
-        raise AnalysisError(f"{name}: expected non-empty integer or float pixels, got "
-                            f"dtype {tile.dtype}, shape {tile.shape}")  # fmt: skip
-    out = tile.astype(np.float32, copy=False)
-    if tile.dtype.kind == "f" and not np.isfinite(out).all():
-        raise AnalysisError(f"{name}: contains nan or inf")
-    return out
-
-
-def _as_mask(m: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray | None:
-    if m is None:
-        return None
-    if not isinstance(m, np.ndarray) or m.shape != shape:
-        got = m.shape if isinstance(m, np.ndarray) else type(m).__name__
-        raise AnalysisError(f"{name}: expected a boolean array of shape {shape}, got {got}")
-    return m.astype(bool, copy=False)
-
-
-def _check_window(window_px: object) -> int:
-    if isinstance(window_px, bool) or not isinstance(window_px, (int, np.integer)):
-        raise AnalysisError(f"window_px: expected an integer >= 16, got {window_px!r}")
-    if window_px < 16:
-        raise AnalysisError(f"window_px: expected an integer >= 16, got {window_px!r}")
-    return int(window_px)
-
-
-def _check_number(name: str, v: object, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise AnalysisError(f"{name}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
-    f = float(v)
-    if not (math.isfinite(f) and lo <= f <= hi):
-        raise AnalysisError(f"{name}: expected a number in [{lo:g}, {hi:g}], got {v!r}")
-    return f
-
-
-def _normalised(img: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """Zero mean, unit standard deviation over valid pixels; invalid pixels 0."""
-    pix = img if valid is None else img[valid]
-    if pix.size == 0:
-        return np.zeros_like(img)
-    mean = float(pix.mean())
-    std = float(pix.std())
-    out = (img - mean) * (1.0 / std if std > 0 else 1.0)
-    if valid is not None:
-        out[~valid] = 0.0
-    return out
-
-
-# --------------------------------------------------------------------------- structure tensor
-
-
-def _wrap(angle: np.ndarray) -> np.ndarray:
-    """Angles modulo pi into ``[-pi/2, pi/2)``."""
-    return ((angle + np.pi / 2) % np.pi - np.pi / 2).astype(np.float32)
-
-
-def _angle_coherence(
-    jxx: np.ndarray, jyy: np.ndarray, jxy: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    diff = jxx - jyy
-    angle = 0.5 * np.arctan2(2.0 * jxy, diff)
-    coh = np.sqrt(diff * diff + 4.0 * jxy * jxy) / (jxx + jyy + 1e-12)
-    return _wrap(angle), np.clip(coh, 0.0, 1.0).astype(np.float32)
-
-
-def _gradient_products(img: np.ndarray) -> np.ndarray:
-    """``(y, x, 3)`` float32: ``gx^2, gy^2, gx gy`` (Sobel, unit gain)."""
-    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3, scale=0.125)
-    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3, scale=0.125)
-    return cv2.merge([gx * gx, gy * gy, gx * gy])
-
-
-def orientation_coherence(tile: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Local orientation and coherence from the structure tensor.
-
-    Parameters
-    ----------
-    tile : ndarray
-        2-D ``(y, x)`` uint8, uint16 or float pixels.
-    sigma_px : float
-        Standard deviation of the Gaussian that averages the tensor, px (> 0).
-
-    Returns
-    -------
-    angle : ndarray
-        ``(y, x)`` float32: direction of the dominant gradient, i.e. **across**
-        the lamellae, rad in ``[-pi/2, pi/2)`` from +x towards +y (down).
-    coherence : ndarray
-        ``(y, x)`` float32: ``(l1 - l2) / (l1 + l2)`` of the tensor's
-        eigenvalues, 0 (isotropic or flat) .. 1 (perfectly oriented).
-
-    Raises
-    ------
-    AnalysisError
-        Bad tile or ``sigma_px``.
-    """
-    sigma = _check_number("sigma_px", sigma_px, 1e-3, 1e4)
-    prod = cv2.GaussianBlur(_gradient_products(_as_float(tile)), (0, 0), sigma)
-    return _angle_coherence(prod[..., 0], prod[..., 1], prod[..., 2])
-
-
-# --------------------------------------------------------------------------- local spectrum
-
-
-def _windows(img: np.ndarray, window: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Windows ``(ny, nx, window, window)`` (a copy) and their origins; the last reach the edge."""
-    h, w = img.shape
-    ys = np.arange(0, h - window + 1, step)
-    xs = np.arange(0, w - window + 1, step)
-    if ys[-1] + window < h:
-        ys = np.append(ys, h - window)
-    if xs[-1] + window < w:
-        xs = np.append(xs, w - window)
-    view = np.lib.stride_tricks.sliding_window_view(img, (window, window))
-    return view[ys[:, None], xs[None, :]], ys, xs
-
-
-_SPECTRAL: dict[tuple[int, float, float], tuple[np.ndarray, ...]] = {}
-
-
-def _spectral_tables(window: int, min_p: float, max_p: float) -> tuple[np.ndarray, ...]:
-    """Taper and gather tables on the ``rfft2`` half plane of a window (cached).
-
-    Returns the 2-D Hann taper and its spectrum (flat); for the reference
-    band's bins (periods ``MIN_PERIOD_PX .. window / MIN_CYCLES`` and the
-    search band) their flat indices, weights ``|k|^2`` (halved at ``kx = 0``,
-    which holds both ``+k`` and ``-k``), ``(ky, kx)`` and ``(cos^2, sin^2,
-    cos sin)`` of their direction (``(3, n)``, the structure tensor by
-    Parseval); the positions in it of the search band's bins (periods ``min_p
-    .. max_p``); per search bin, its 3 x 3 neighbours' flat indices and
-    ``(ky, kx)`` (neighbours left of ``kx = 0`` read from their mirror); and
-    the 1-D taper's normalised autocorrelation by lag (px).
-    """
-    key = (window, min_p, max_p)
-    if key not in _SPECTRAL:
-        n, m = window, window // 2 + 1
-        han = np.hanning(n + 2)[1:-1]
-        taper = np.outer(han, han).astype(np.float32)
-        fy = np.fft.fftfreq(n)
-        iy, ix = np.meshgrid(np.arange(n), np.arange(m), indexing="ij")
-        ky, kx = fy[iy].ravel(), (ix / n).ravel()
-        r = np.hypot(ky, kx)
-        r_lo = min(1.0 / max_p, MIN_CYCLES / window)
-        r_hi = max(1.0 / min_p, 1.0 / MIN_PERIOD_PX)
-        ref = np.flatnonzero((r >= r_lo) & (r <= r_hi))
-        wref = (r * r)[ref] * np.where(ix.ravel()[ref] == 0, 0.5, 1.0)
-        c, s = kx[ref] / r[ref], ky[ref] / r[ref]
-        dirs = np.stack([c * c, s * s, c * s])
-        band = np.flatnonzero((r[ref] >= 1.0 / max_p) & (r[ref] <= 1.0 / min_p))
-        by, bx = iy.ravel()[ref[band]], ix.ravel()[ref[band]]
-        d = np.array([-1, 0, 1])
-        ny, nx = np.broadcast_arrays((by[:, None, None] + d[None, :, None]) % n,
-                                     bx[:, None, None] + d[None, None, :])  # fmt: skip
-        neg = nx < 0
-        ny = np.where(neg, (-ny) % n, ny).reshape(len(band), 9)
-        sign = np.where(neg, -1.0, 1.0).reshape(len(band), 9)
-        nx = np.abs(nx).reshape(len(band), 9)
-        acf = np.array([float(han[: n - k] @ han[k:]) for k in range(n)]) / float(han @ han)
-        f32 = np.float32
-        _SPECTRAL[key] = (
-            taper, scipy.fft.rfft2(taper).ravel().astype(np.complex64), ref, wref.astype(f32),
-            ky[ref].astype(f32),
-            kx[ref].astype(f32), dirs.astype(f32), band, ny * m + nx,
-            (fy[ny] * sign).astype(f32), (nx / n * sign).astype(f32), acf.astype(f32),
-        )  # fmt: skip
-    return _SPECTRAL[key]
-
-
-#: Amplitude of a sinusoid from the raw power of its 3 x 3 peak in a 64-px window:
-#: ``A = this * sqrt(power)``, scaled by ``(64 / window) ** 2`` (calibrated on sinusoids).
-_AMPLITUDE_GAIN = 2.0 / (64 * 64 * 0.375 * 0.94) * 0.926
-
-
-@dataclass(frozen=True)
-class _Features:
-    """Per-window features of one set of windows (arrays ``(ny, nx)``), see :class:`LocalPeriod`."""
-
-    period: np.ndarray
-    angle: np.ndarray
-    strength: np.ndarray
-    periodicity: np.ndarray
-    amplitude: np.ndarray
-    coherence: np.ndarray
-    tensor_angle: np.ndarray
-    ys: np.ndarray
-    xs: np.ndarray
-
-
-def _bins_around(ky: np.ndarray, kx: np.ndarray, window: int) -> np.ndarray:
-    """``(n, 9)`` flat ``rfft2`` indices of the 3 x 3 bins around frequencies ``(ky, kx)``."""
-    n, m = window, window // 2 + 1
-    d = np.array([-1, 0, 1])
-    iy = np.rint(ky * n).astype(int)[:, None, None] + d[None, :, None]
-    ix = np.rint(kx * n).astype(int)[:, None, None] + d[None, None, :]
-    iy, ix = np.broadcast_arrays(iy, ix)
-    neg = ix < 0  # left of kx = 0: the mirror (-ky, -kx)
-    iy = np.where(neg, -iy, iy) % n
-    ix = np.minimum(np.abs(ix), m - 1)
-    return (iy * m + ix).reshape(-1, 9)
-
-
-def _taper_acf(acf: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
-    """The 2-D taper's normalised autocorrelation at lags ``(ty, tx)`` px (floored at 0.05)."""
-    n = acf.size
-    lag_y = np.minimum(np.rint(np.abs(ty)).astype(int), n - 1)
-    lag_x = np.minimum(np.rint(np.abs(tx)).astype(int), n - 1)
-    return np.maximum(acf[lag_y] * acf[lag_x], 0.05)
-
-
-def _spectrum_features(
-    img: np.ndarray, window: int, step: int, min_p: float, max_p: float,
-    min_amplitude: float | None = None,
-) -> _Features:  # fmt: skip
-    """Spectral features of the windows of ``img`` (see :class:`LocalPeriod`).
-
-    Periodicity, coherence and tensor direction are computed only for windows
-    whose amplitude reaches ``min_amplitude`` (all when ``None``); nan elsewhere.
-    """
-    (taper, ftaper, ref, wref, rky, rkx, dirs, band, nb_idx, nb_ky, nb_kx,
-     acf) = _spectral_tables(window, min_p, max_p)  # fmt: skip
-    wins, ys, xs = _windows(img, window, step)
-    shape = wins.shape[:2]
-    w = wins.reshape(-1, window, window)
-    n = w.shape[0]
-    mean = w.reshape(n, -1).mean(axis=1, dtype=np.float32)
-    spec = scipy.fft.rfft2(w * taper).reshape(n, -1)
-
-    def power(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        # The window's mean removed in the spectrum: minus mean x spectrum of the taper.
-        z = spec[rows[:, None], idx] - mean[rows, None] * ftaper[idx]
-        return z.real**2 + z.imag**2
-
-    every = np.arange(n)
-    z = spec[:, ref] - mean[:, None] * ftaper[ref][None, :]
-    pr = (z.real**2 + z.imag**2) * wref  # gradient-weighted power, reference band
-    tot = pr.sum(axis=1) + 1e-12
-    peak = np.argmax(pr[:, band], axis=1)
-    raw = power(every, nb_idx[peak])
-    s_raw = raw.sum(axis=1) + 1e-12
-    cy = (raw * nb_ky[peak]).sum(axis=1) / s_raw
-    cx = (raw * nb_kx[peak]).sum(axis=1) / s_raw
-    k2 = np.maximum(cy * cy + cx * cx, 1e-12)
-    strength = s_raw * k2 / tot
-    amplitude = _AMPLITUDE_GAIN * (64.0 / window) ** 2 * np.sqrt(s_raw)
-    periodicity = np.full(n, np.nan, np.float32)
-    coh = np.full(n, np.nan, np.float32)
-    t_angle = np.full(n, np.nan, np.float32)
-    sel = every if min_amplitude is None else np.flatnonzero(amplitude >= min_amplitude)
-    if sel.size:
-        prs, q2, qy, qx = pr[sel], k2[sel], cy[sel], cx[sel]
-        rr2 = rky * rky + rkx * rkx
-
-        def octave(kk2: np.ndarray) -> np.ndarray:
-            """The power within an octave either side of ``|k|``: the peak's scale."""
-            inside = (rr2[None, :] >= kk2[:, None] / 4.0) & (rr2[None, :] <= 4.0 * kk2[:, None])
-            return prs * inside
-
-        def acorr(local: np.ndarray, ty: np.ndarray, tx: np.ndarray) -> np.ndarray:
-            """Autocorrelation of the octave-band gradient at lag ``(ty, tx)`` px."""
-            c = np.cos(2 * np.pi * (rky[None, :] * ty[:, None] + rkx[None, :] * tx[:, None]))
-            num = (local * c).sum(axis=1)
-            return num / (local.sum(axis=1) + 1e-12) / _taper_acf(acf, ty, tx)
-
-        # At one period along the wave vector (lag k / |k|^2), and at two: thin lines put
-        # more gradient power in the 2nd harmonic than in the fundamental ...
-        ty, tx = qy / q2, qx / q2
-        local = octave(q2)
-        p1 = acorr(local, ty, tx)
-        can_double = q2 * max_p * max_p >= 4.0 * 0.9
-        if can_double.any():
-            # ... when the sub-harmonic k / 2 holds at least a quarter of the peak's power.
-            sub = power(sel, _bins_around(qy / 2.0, qx / 2.0, window)).sum(axis=1)
-            can_double &= sub >= s_raw[sel]
-        if can_double.any():
-            local2 = octave(q2 / 4.0)
-            p2 = acorr(local2, 2 * ty, 2 * tx)
-            double = can_double & (p2 > p1 + 0.15)
-            local = np.where(double[:, None], local2, local)
-            p1 = np.where(double, p2, p1)
-            k2[sel] = np.where(double, q2 / 4.0, q2)
-        periodicity[sel] = p1
-        j = local @ dirs.T  # (n, 3): the structure tensor at the peak's scale (Parseval)
-        t_angle[sel], coh[sel] = _angle_coherence(j[:, 0], j[:, 1], j[:, 2])
-    f32 = np.float32
-    return _Features(
-        (1.0 / np.sqrt(k2)).reshape(shape).astype(f32),
-        _wrap(np.arctan2(cy, cx)).reshape(shape),
-        np.clip(strength, 0, 1).reshape(shape).astype(f32),
-        periodicity.reshape(shape),
-        amplitude.reshape(shape).astype(f32),
-        coh.reshape(shape),
-        t_angle.reshape(shape),
-        ys,
-        xs,
-    )
-
-
-def local_period(
-    tile: np.ndarray,
-    window_px: int,
-    *,
-    step_px: int | None = None,
-    min_period_px: float = MIN_PERIOD_PX,
-    max_period_px: float | None = None,
-    valid: np.ndarray | None = None,
-) -> LocalPeriod:
-    """Dominant period of the texture in square windows, from the local power spectrum.
-
-    Each window (mean removed, Hann-tapered) is Fourier transformed; the peak of
-    its gradient-weighted power (``|k|^2 P(k)``, so that shading and single
-    edges do not dominate) between periods ``min_period_px`` and
-    ``max_period_px`` gives the period (power-weighted centroid of the 3 x 3
-    peak, sub-bin accurate) and the direction across the lamellae; see
-    :class:`LocalPeriod` for the other features.
-
-    Parameters
-    ----------
-    tile : ndarray
-        2-D ``(y, x)`` uint8, uint16 or float pixels, at least ``window_px`` each way.
-    window_px : int
-        Window side, px (>= 16).
-    step_px : int, optional
-        Distance between windows, px (default ``window_px // 2``); the last
-        row and column of windows reach the tile's edges.
-    min_period_px, max_period_px : float
-        Periods looked for, px (default :data:`MIN_PERIOD_PX` ..
-        ``window_px / MIN_CYCLES``; ``2 <= min < max <= window_px``).
-    valid : ndarray, optional
-        Boolean ``(y, x)`` specimen pixels; the others are set to the valid mean.
-
-    Returns
-    -------
-    LocalPeriod
-        Per-window period, direction and features.
-
-    Raises
-    ------
-    AnalysisError
-        Bad tile, mask, window or periods, or a tile smaller than the window.
-    """
-    window = _check_window(window_px)
-    img = _as_float(tile)
-    vmask = _as_mask(valid, img.shape, "valid")
-    if min(img.shape) < window:
-        raise AnalysisError(f"tile: {img.shape[0]} x {img.shape[1]} px is smaller than "
-                            f"window_px {window}")  # fmt: skip
-    step = window // 2 if step_px is None else step_px
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise AnalysisError(f"step_px: expected a positive integer, got {step_px!r}")
-    max_p = window / MIN_CYCLES if max_period_px is None else max_period_px
-    min_p = _check_number("min_period_px", min_period_px, 2.0, window)
-    max_p = _check_number("max_period_px", max_p, 2.0, window)
-    if min_p >= max_p:
-        raise AnalysisError(f"min_period_px {min_p:g} must be below max_period_px {max_p:g}")
-    f = _spectrum_features(_normalised(img, vmask), window, int(step), min_p, max_p)
-    half = window / 2.0
-    return LocalPeriod(f.period, f.angle, f.strength, f.periodicity, f.amplitude, f.coherence,
-                       f.ys + half, f.xs + half, window)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- detection
@@ -774,281 +383,6 @@ def _refine(
     if vmask is not None:
         out &= vmask
     return out
-
-
-# --------------------------------------------------------------------------- synthetic
-
-
-def synthetic_lamellae(
-    shape: tuple[int, int],
-    period_px: float,
-    angle_rad: float,
-    region: np.ndarray | None = None,
-    *,
-    noise: float = 0.1,
-    wave: str = "sine",
-    background: str = "blobs",
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lamellae of known period and direction inside a region, for tests and benches.
-
-    Parameters
-    ----------
-    shape : (int, int)
-        ``(height, width)``, px.
-    period_px : float
-        Lamellar period, px.
-    angle_rad : float
-        Direction across the lamellae (wave vector), rad from +x towards +y.
-    region : ndarray, optional
-        Boolean ``(y, x)`` where the lamellae are (default: everywhere).
-    noise : float
-        Standard deviation of added Gaussian noise, relative to the lamellae's
-        peak-to-peak contrast (1).
-    wave : str
-        ``sine``, ``square`` (duty 0.5) or ``lines`` (dark lines, duty 0.25).
-    background : str
-        Outside the region: ``blobs`` (thresholded smooth noise, isotropic
-        features of ~5 px), ``particles`` (bright discs of radius 1.5-4 px on a
-        dark matrix, ~20 % of the area, like spheroidite), both of the
-        lamellae's contrast; ``flat`` (mid grey) or ``noise`` (only the noise).
-    seed : int
-        Random seed.
-
-    Returns
-    -------
-    image : ndarray
-        ``(y, x)`` float32 in about 0..1.
-    region : ndarray
-        Boolean ``(y, x)`` true lamellar region.
-    """
-    h, w = shape
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    u = xx * math.cos(angle_rad) + yy * math.sin(angle_rad)
-    phase = (u / period_px + rng.uniform()) % 1.0
-    lam: np.ndarray
-    if wave == "sine":
-        lam = 0.5 + 0.5 * np.cos(2 * np.pi * phase)
-    elif wave == "square":
-        lam = (phase < 0.5).astype(np.float64)
-    elif wave == "lines":
-        lam = (phase >= 0.25).astype(np.float64)
-    else:
-        raise AnalysisError(f"wave: {wave!r} is not sine, square or lines")
-    if wave != "sine":  # the optics' blur: soft edges
-        lam = cv2.GaussianBlur(lam, (0, 0), 0.7)
-    if region is None:
-        region = np.ones((h, w), dtype=bool)
-    bg: np.ndarray
-    if background == "blobs":  # thresholded smooth noise: isotropic, ~5 px features
-        blobs = cv2.GaussianBlur(rng.standard_normal((h, w)), (0, 0), 2.0)
-        bg = cv2.GaussianBlur((blobs > 0).astype(np.float64), (0, 0), 0.7)
-    elif background == "particles":  # bright discs (r 1.5-4 px) on a dark matrix, ~20 %
-        bg = np.zeros((h, w))
-        n = int(0.2 * h * w / (np.pi * 2.75**2))
-        for y, x, r in zip(rng.uniform(0, h, n), rng.uniform(0, w, n), rng.uniform(1.5, 4, n),
-                           strict=True):  # fmt: skip
-            cv2.circle(bg, (int(x), int(y)), round(r), 1.0, -1)
-        bg = cv2.GaussianBlur(bg, (0, 0), 0.7)
-    elif background == "flat":
-        bg = np.full((h, w), 0.5)
-    elif background == "noise":
-        bg = np.zeros((h, w))
-    else:
-        raise AnalysisError(f"background: {background!r} is not blobs, particles, flat or noise")
-    img = np.where(region, lam, bg) + noise * rng.standard_normal((h, w))
-    return img.astype(np.float32), region
-
-
-# --------------------------------------------------------------------------- measures
-
-
-_FREQ: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]] = {}
-
-
-def _frequency_tables(
-    ph: int, pw: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """``fy (ph, 1)``, ``fx (1, m)``, ``|k|^2`` and the structure-tensor weights
-    ``kx^2, ky^2, kx ky`` (halved at ``kx = 0``) of an ``rfft2`` of ``ph x pw`` (cached)."""
-    key = (ph, pw)
-    if key not in _FREQ:
-        if len(_FREQ) > 64:
-            _FREQ.clear()
-        fy = np.fft.fftfreq(ph).astype(np.float32)[:, None]
-        fx = np.fft.rfftfreq(pw).astype(np.float32)[None, :]
-        half = np.where(fx == 0, 0.5, 1.0).astype(np.float32)
-        r2 = fy * fy + fx * fx
-        tw = [np.ascontiguousarray(np.broadcast_to(a, r2.shape), dtype=np.float32)
-              for a in (fx * fx * half, fy * fy * half, fx * fy * half)]  # fmt: skip
-        _FREQ[key] = (fy, fx, r2, tw)
-    return _FREQ[key]
-
-
-def _region_spectrum(img: np.ndarray, region: np.ndarray, max_p: float) -> tuple[float, float]:
-    """Period (px) and direction across the lamellae (rad) of one region; nan if none.
-
-    The region's pixels (mean removed, soft-edged) are Fourier transformed.
-    The direction is that of the band's structure tensor (by Parseval, the
-    tensor of the band-passed region); the period ``1 / |k|`` at the power
-    peak's centroid, or at its sub-harmonic ``k / 2`` when that is strong
-    (thin lines have strong harmonics).
-    """
-    data = np.where(region, img - float(img[region].mean()), 0.0).astype(np.float32)
-    data *= cv2.GaussianBlur(region.astype(np.float32), (0, 0), 2.0)  # soft edge
-    h, w = data.shape
-    ph, pw = cv2.getOptimalDFTSize(max(h, 64)), cv2.getOptimalDFTSize(max(w, 64))
-    spec = scipy.fft.rfft2(data, s=(ph, pw))
-    power = spec.real**2 + spec.imag**2
-    fy, fx, r2, tensor_w = _frequency_tables(ph, pw)
-    pb = power * ((r2 >= 1.0 / max_p**2) & (r2 <= 1.0 / MIN_PERIOD_PX**2))
-    if not np.any(pb > 0):
-        return math.nan, math.nan
-    jxx, jyy, jxy = (float(np.vdot(pb, tw)) for tw in tensor_w)
-    theta = 0.5 * math.atan2(2.0 * jxy, jxx - jyy)
-    hy, hx = max(1, math.ceil(ph / h)), max(1, math.ceil(pw / w))
-
-    def centroid(iy: int, ix: int) -> tuple[float, float, float]:
-        xs = np.arange(ix - hx, ix + hx + 1)
-        yy = (np.arange(iy - hy, iy + hy + 1) % ph)[:, None]
-        neg = xs[None, :] < 0  # left of kx = 0: the mirror (-ky, -kx)
-        yy = np.where(neg, (-yy) % ph, yy)
-        xx = np.minimum(np.abs(xs), pw - 1)[None, :]
-        p = power[yy, xx]
-        sign = np.where(neg, -1.0, 1.0)
-        s = float(p.sum()) + 1e-30
-        return float((p * fy[yy, 0] * sign).sum()) / s, float((p * fx[0, xx] * sign).sum()) / s, s
-
-    # Gradient-weighted (|k|^2) like the windows: large features and shading do not win.
-    iy, ix = np.unravel_index(int(np.argmax(pb * r2)), pb.shape)
-    cy, cx, s = centroid(int(iy), int(ix))
-    k = math.hypot(cy, cx)
-    rk = np.sqrt(r2)
-    nb = (2 * hy + 1) * (2 * hx + 1)
-    # Harmonics (thin lines, square waves) can outweigh the fundamental there: prefer the
-    # largest sub-harmonic k / d that is strong (raw power >= 0.35 of the peak's) and is a
-    # peak in its direction (>= 4 x the mean power of its ring), not isotropic texture.
-    for d in (5, 3, 2):
-        if k / d < 1.0 / max_p:
-            continue
-        jy, jx = round(cy / d * ph), round(cx / d * pw)
-        if jx < 0:
-            jy, jx = -jy, -jx
-        cy2, cx2, s2 = centroid(jy % ph, jx)
-        ring = np.abs(rk - k / d) <= 1.5 / min(ph, pw)
-        if s2 >= 0.35 * s and s2 >= 4.0 * nb * float(power[ring].mean()):
-            k = math.hypot(cy2, cx2)
-            break
-    return (1.0 / k if k > 0 else math.nan), theta
-
-
-def _dark_runs(profile: np.ndarray) -> int:
-    """Dark runs of a zero-mean profile, with hysteresis at 0.3 of its spread."""
-    if profile.size < 3:
-        return 0
-    h = 0.3 * float(profile.std())
-    if h <= 0:
-        return 0
-    state = np.zeros(profile.size, dtype=np.int8)
-    state[profile < -h] = -1
-    state[profile > h] = 1
-    s = state[state != 0]  # hysteresis: the last decided side holds in between
-    if s.size == 0:
-        return 0
-    return int((s[0] == -1) + np.count_nonzero((s[1:] == -1) & (s[:-1] == 1)))
-
-
-def _ends(ok: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` samples at each end of every run of ``ok`` (what a dilation by ``n`` added)."""
-    out = np.zeros_like(ok)
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], ok.astype(np.int8), [0]))))
-    for a, b in zip(edges[::2], edges[1::2], strict=True):
-        if a > 0:
-            out[a : a + n] = True
-        if b < ok.size:
-            out[max(a, b - n) : b] = True
-    return out
-
-
-def _dilate1d(x: np.ndarray, r: int) -> np.ndarray:
-    """``out[i] = any(x[i - r : i + r + 1])``, for any length (``np.convolve(..., "same")``
-    returns the kernel's length when the kernel is the longer)."""
-    c = np.concatenate(([0], np.cumsum(x.astype(np.int64))))
-    i = np.arange(x.size)
-    return (c[np.minimum(i + r + 1, x.size)] - c[np.maximum(i - r, 0)]) > 0
-
-
-def _gauss1d(x: np.ndarray, sigma: float) -> np.ndarray:
-    r = max(1, int(3 * sigma + 0.5))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    xp = np.pad(x, r, mode="reflect" if x.size > r else "edge")
-    return np.convolve(xp, k / k.sum(), mode="valid")
-
-
-def _region_profile(
-    img: np.ndarray, labels: np.ndarray, label: int, theta: float, period: float, cy: float,
-    cx: float, t_range: tuple[float, float], reach: float = PROFILE_REACH_PX,
-) -> tuple[float, int]:  # fmt: skip
-    """Width (px) and dark-lamella count along the segment across the lamellae through ``(cy, cx)``.
-
-    The profile along the normal (averaged over a few parallel lines) is
-    band-passed at ``period`` and demodulated (its local amplitude at that
-    period, smoothed over one period).  The segment is the run of samples
-    around the centroid where that amplitude is at least half its median over
-    the region's samples; it may extend up to ``reach`` px beyond the region
-    (whose outline is only as fine as the analysis windows).  Its length is the
-    width; the count is the dark runs of the band-passed profile within it.
-    ``t_range`` is the region's extent along the normal from ``(cy, cx)``, px.
-    """
-    c, sn = math.cos(theta), math.sin(theta)
-    h, w = img.shape
-    step = float(np.clip(period / 8.0, 0.5, 2.0))  # px between samples
-    margin = reach + 3.0 * period
-    t = np.arange(t_range[0] - margin, t_range[1] + margin, step, dtype=np.float32)
-    xf, yf = cx + t * c, cy + t * sn
-    on = (xf >= 0) & (xf <= w - 1) & (yf >= 0) & (yf <= h - 1)
-    if not on.any():
-        return math.nan, 0
-    t = t[on]
-    xi, yi = np.rint(xf[on]).astype(int), np.rint(yf[on]).astype(int)
-    inside = labels[yi, xi] == label
-    if not inside.any():
-        return math.nan, 0
-    # Along the normal (c, sn); parallel lines offset along the lamellae (-sn, c), averaged
-    # over two periods either side (texture that is not lamellae of this direction averages out).
-    span = float(np.clip(2.0 * period, 4.0, 32.0))
-    offs = np.linspace(-span, span, int(np.clip(round(span), 3, 24)) | 1, dtype=np.float32)
-    mx = (cx + t[None, :] * c - offs[:, None] * sn).astype(np.float32)
-    my = (cy + t[None, :] * sn + offs[:, None] * c).astype(np.float32)
-    prof = cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).mean(axis=0)
-    ps = period / step  # the period in samples
-    band = _gauss1d(prof, max(ps / 8.0, 1.2)) - _gauss1d(prof, ps)
-    carrier = np.exp(-2j * np.pi * np.arange(band.size) / ps)
-    z = band * carrier
-    es = 0.5 * ps
-    env = 2.0 * np.abs(_gauss1d(z.real, es) + 1j * _gauss1d(z.imag, es))
-    # Samples allowed: the region's, widened by ``reach`` along the line.
-    r = round(reach / step)
-    allowed = _dilate1d(inside, r)
-    ref = float(np.median(env[inside]))
-    if ref <= 0:
-        return math.nan, 0
-    out = ~allowed
-    floor = float(np.median(env[out])) if out.sum() > 2 * ps else 0.0
-    ok = allowed & (env >= 0.5 * (ref + min(floor, ref)))
-    # Bridge dips shorter than two periods (noise), not the region's end.
-    gap = max(1, round(2 * ps))
-    grown = _dilate1d(ok, gap)
-    ok = allowed & grown & ~_ends(grown, gap)  # a closing
-    # The run of ``ok`` holding the inside sample nearest the centroid.
-    centre = int(np.flatnonzero(inside)[np.argmin(np.abs(t[inside]))])
-    if not ok[centre]:
-        return math.nan, 0
-    lo = centre - int(np.argmin(ok[centre::-1])) + 1 if not ok[: centre + 1].all() else 0
-    hi = centre + int(np.argmin(ok[centre:])) if not ok[centre:].all() else ok.size
-    seg = band[lo:hi]
-    return (hi - lo) * step, _dark_runs(seg - float(seg.mean()))
 
 
 def lamellar_stats(
