@@ -49,6 +49,10 @@ POLL_S = 0.25
 RING_EVENTS = 4096
 #: Samples of the stage charts kept for a snapshot (at POLL_S: the last ~2 minutes).
 HISTORY_SAMPLES = 480
+#: The analysis's folder in a run directory (cemi_stream.analysis.live) and how often
+#: it is looked at, seconds.
+ANALYSIS_DIR = "analysis"
+ANALYSIS_POLL_S = 2.0
 #: Alerts kept for a snapshot.
 ALERTS_KEPT = 200
 #: Free space on the data directory below which the ``disk`` alert is raised, bytes.
@@ -131,6 +135,9 @@ class RunFeed:
         self._denoise_behind = False
         self._failed_alerted = False
         self._last_disk_check = 0.0
+        self._analysis: dict[str, Any] = {}
+        self._analysis_key = ""
+        self._last_analysis_check = 0.0
         self.last_poll = 0.0
         self.last_wanted = time.monotonic()
 
@@ -169,6 +176,7 @@ class RunFeed:
                 "history": list(self._history),
                 "alerts": list(self._alerts),
                 "keyframes": self._keyframes(),
+                "analysis": self._analysis,
             }
             return Event(self._seq, "snapshot", json.dumps(data, separators=(",", ":")))
 
@@ -201,6 +209,42 @@ class RunFeed:
         if now - self._last_disk_check > 5.0:
             self._last_disk_check = now
             self._poll_disk()
+        if now - self._last_analysis_check > ANALYSIS_POLL_S:
+            self._last_analysis_check = now
+            self._poll_analysis()
+
+    def _poll_analysis(self) -> None:
+        """The analysis's images (maps, profiles, correlation) and numbers, when they change."""
+        folder = self.run_dir / ANALYSIS_DIR
+        images: list[dict[str, Any]] = []
+        for path in [*sorted((folder / "maps").glob("*.png")),
+                     folder / "profiles.png", folder / "correlation.png"]:  # fmt: skip
+            try:
+                version = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            images.append({"name": path.stem, "v": version})
+        try:  # the numbers are written after the images: both make a change
+            numbers = (folder / "analysis.json").stat().st_mtime_ns
+        except OSError:
+            numbers = 0
+        key = json.dumps([images, numbers])
+        if not images or key == self._analysis_key:
+            return
+        self._analysis_key = key
+        summary: dict[str, Any] = {}
+        try:
+            data = json.loads((folder / "analysis.json").read_text(encoding="utf-8"))
+            first = (data.get("images") or [{}])[0]
+            # the stage's last write (on the final mosaic) is the one with "live" counts
+            summary = {"tiles": data.get("tiles"), "final": "live" in data,
+                       **{k: v for k, v in first.items() if k.startswith("mean_")}}  # fmt: skip
+        except (OSError, ValueError, AttributeError, IndexError):
+            pass  # being rewritten: the next poll reads it
+        analysis = {"images": images, "summary": summary}
+        with self._lock:
+            self._analysis = analysis
+        self._emit("analysis", analysis)
 
     def _poll_run(self, run: dict[str, Any]) -> None:
         stable = {

@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from ..capture.spool import SPOOL_DIR, SpoolReader
 from ..errors import CemiError
 from ..stitch.feed import DENOISED_DIR
-from .feed import FeedHub
+from .feed import ANALYSIS_DIR, FeedHub
 from .tiles import MAX_LEVEL, TILE_PX, TileError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -54,6 +54,7 @@ CSRF_HEADER = "x-cemi-csrf"
 # Tiles this far outside the mosaic's written chunks are refused (they would be empty).
 _TILE_MARGIN = 2
 _INT = re.compile(r"^-?[0-9]{1,9}$")
+_ANALYSIS_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,120}$")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}(/[A-Za-z0-9._-]{1,100}){0,4}$")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
@@ -245,6 +246,22 @@ def mount_dashboard(
         body = await run_in_threadpool(encode)
         return Response(body, media_type="image/png",
                         headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
+
+    @app.get("/runs/{run_id}/analysis/{name}.png")
+    def analysis_image(request: Request, run_id: str, name: str) -> Response:
+        # A map (RUN_DIR/analysis/maps/NAME.png), the profiles or the correlation.
+        authorize(request, write=False)
+        if not _ANALYSIS_NAME.match(name):
+            raise error("not_found", f"analysis image {name[:80]!r}: no such image")
+        feed = run_feed(run_id)
+        folder = feed.run_dir / ANALYSIS_DIR
+        path = folder / f"{name}.png" if name in ("profiles", "correlation") else (
+            folder / "maps" / f"{name}.png")  # fmt: skip
+        try:
+            body = path.read_bytes()
+        except OSError:
+            raise error("not_found", f"run {run_id}: no analysis image {name!r} (yet)") from None
+        return Response(body, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/runs/{run_id}/events")
     async def events(request: Request, run_id: str, after: str | None = None) -> Response:

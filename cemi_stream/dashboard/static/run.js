@@ -289,7 +289,7 @@
       state.chunks.clear();
       setFrames(d.frames, true);
       onChunks(d.mosaic.chunks, d.mosaic.unit_px, d.mosaic.state);
-      renderRun(); renderCharts(); renderAlerts(); renderKeyframes();
+      renderRun(); renderCharts(); renderAlerts(); renderKeyframes(); renderAnalysis(d.analysis);
       if (state.snapshotAt === null) state.snapshotAt = performance.now();
     },
     run(d) { state.run = d; renderRun(); },
@@ -305,7 +305,34 @@
       renderCharts(); renderProgress();
     },
     alert(d) { state.alerts.push(d); renderAlerts(); },
+    analysis(d) { renderAnalysis(d); },
   };
+  // The analysis stage's maps (RUN_DIR/analysis), refetched when their version changes.
+  const analysisShown = {};
+  function renderAnalysis(a) {
+    if (!a || !a.images || !a.images.length) return;
+    document.getElementById("analysis").hidden = false;
+    const s = a.summary || {};
+    const pct = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
+    document.getElementById("analysis-state").textContent = s.final ? "(final)" : "(filling in)";
+    document.getElementById("analysis-summary").textContent =
+      `${s.tiles ?? 0} tiles · phase ${pct(s.mean_phase_fraction)} · lamellar ${pct(s.mean_lamellar_fraction)}`;
+    const box = document.getElementById("analysis-images");
+    for (const im of a.images) {
+      if (analysisShown[im.name] === im.v) continue;
+      analysisShown[im.name] = im.v;
+      const url = `/runs/${runId}/analysis/${encodeURIComponent(im.name)}.png?v=${im.v}`;
+      let link = box.querySelector(`a[data-name="${CSS.escape(im.name)}"]`);
+      if (!link) {
+        link = document.createElement("a");
+        link.dataset.name = im.name; link.target = "_blank"; link.className = "analysis-map";
+        const img = document.createElement("img");
+        img.alt = im.name.replace(/_/g, " "); img.title = img.alt;
+        link.appendChild(img); box.appendChild(link);
+      }
+      link.href = url; link.querySelector("img").src = url;
+    }
+  }
   function connect() {
     const source = new EventSource(`/api/runs/${runId}/events`);
     const conn = document.getElementById("conn");

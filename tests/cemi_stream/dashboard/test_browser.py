@@ -144,7 +144,8 @@ def lit_fraction(image: np.ndarray) -> float:
 def test_the_run_page_follows_a_run_live(served: tuple[Serve, int], browser: Any,
                                           tmp_path: Path) -> None:  # fmt: skip
     serve, n_frames = served
-    run = serve.client.start({"source": "frames", "pace": "2", "name": "browser run"})
+    run = serve.client.start({"source": "frames", "pace": "2", "name": "browser run",
+                              "analyze": True})  # fmt: skip
     run_id = run["id"]
     browser.get(f"{serve.url}/login?token={serve.token}&next=/")
     row = wait(lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-run="{run_id}"]'),
@@ -188,6 +189,15 @@ def test_the_run_page_follows_a_run_live(served: tuple[Serve, int], browser: Any
     assert counts["placed"] + counts["predicted"] == n_frames and counts["predicted"] >= 1
     final = viewer_pixels(browser, tmp_path / "final.png")
     assert lit_fraction(final) > 0.1
+    # The analysis stage's maps appear beside the mosaic, marked final.
+    wait(lambda: browser.execute_script(
+        "const i = document.querySelector('#analysis-images img');"
+        "return i && i.complete && i.naturalWidth > 100"), 60, "an analysis map")  # fmt: skip
+    assert browser.find_element(By.ID, "analysis").is_displayed()
+    wait(lambda: browser.execute_script(  # (.text is the rendered, upper-case heading)
+        "return document.getElementById('analysis-state').textContent") == "(final)", 30,
+        "the final analysis")  # fmt: skip
+    assert "tiles" in browser.find_element(By.ID, "analysis-summary").text
     # A click on a frame shows it (raw) with its status and registration score.
     cx, cy = browser.execute_script("return window.cemiFramePoint(5)")
     from selenium.webdriver.common.action_chains import ActionChains

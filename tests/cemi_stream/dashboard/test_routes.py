@@ -52,7 +52,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, str]]:
     s = Served(tmp_path_factory.mktemp("routes") / "data")
     try:
-        run_id = s.client.start({"source": SOURCE, "pace": "max"})["id"]
+        run_id = s.client.start({"source": SOURCE, "pace": "max", "analyze": True})["id"]
         deadline = time.monotonic() + 120
         while s.client.run(run_id)["state"] != "finished" and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -159,3 +159,26 @@ def test_the_event_feed_starts_with_a_snapshot_and_resumes(served: tuple[Served,
     assert after[0]["event"] != "snapshot" and after[0]["id"] == snap["id"]
     bad = s.http.get(f"/api/runs/{run_id}/events", headers={**s.auth, "Last-Event-ID": "x"})
     assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]
+
+
+def test_analysis_maps_are_served_and_announced(served: tuple[Served, str]) -> None:
+    s, run_id = served
+    run = s.client.run(run_id)
+    assert "analyze" in run["stages"], run["stages"]
+    maps = s.http.get(f"/runs/{run_id}/analysis/mosaic_phase_fraction.png", headers=s.auth)
+    assert maps.status_code == 200 and maps.content[:8] == b"\x89PNG\r\n\x1a\n"
+    profiles = s.http.get(f"/runs/{run_id}/analysis/profiles.png", headers=s.auth)
+    assert profiles.status_code == 200
+    assert s.http.get(f"/runs/{run_id}/analysis/profiles.png").status_code == 401
+    for bad in ("nope", "..", ".hidden", "a%2F..%2Fb", "x" * 200):
+        r = s.http.get(f"/runs/{run_id}/analysis/{bad}.png", headers=s.auth)
+        assert r.status_code == 404 and "\n" not in r.json()["error"], bad
+    # The feed's snapshot lists the images with their versions and the numbers.
+    with s.http.stream("GET", f"/api/runs/{run_id}/events", headers=s.auth) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data:"):
+                snapshot = json.loads(line[5:])
+                break
+    names = {im["name"] for im in snapshot["analysis"]["images"]}
+    assert {"mosaic_phase_fraction", "profiles"} <= names
+    assert snapshot["analysis"]["summary"]["final"] is True
