@@ -103,7 +103,7 @@ def test_a_restarted_stage_carries_on_from_its_journal(run_dir: Path, tmp_path: 
 
 def test_a_bad_analysis_setting_is_refused_before_anything_starts(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text("[analysis]\ntile = \"5x5\"\n")
+    config.write_text('[analysis]\ntile = "5x5"\n')
     done = cli("replay", SOURCE, "--out", str(tmp_path / "r"), "--analyze", "--config",
                str(config), "-q")  # fmt: skip
     assert done.returncode == 2
