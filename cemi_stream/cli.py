@@ -130,6 +130,10 @@ def _add_replay_options(p: argparse.ArgumentParser) -> None:
         metavar="NAME|PATH",
         help="denoiser model name or .safetensors file (default: the shipped default model)",
     )
+    p.add_argument("--denoise-workers", type=int, metavar="N",
+                   help="local denoise worker processes (config: denoise.workers)")  # fmt: skip
+    p.add_argument("--denoise-listen", metavar="tcp://HOST:PORT",
+                   help="where remote denoise workers connect (denoise.listen)")  # fmt: skip
     p.add_argument(
         "--keyframes", choices=["on", "off"], help="default: on for videos, off for images"
     )
@@ -416,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", metavar="NAME|PATH", help="model name or .safetensors file")
     p.add_argument("--batch", type=int, metavar="N", help="frames per batch (default 4)")
+    p.add_argument("--workers", type=int, metavar="N", help="config: denoise.workers")
+    p.add_argument("--listen", metavar="tcp://HOST:PORT", help="config: denoise.listen")
     p.add_argument("--pipe", default="denoise", help="the capture's pipe to consume")
     p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
     _add_common(p)
@@ -689,6 +695,10 @@ def cmd_denoise_stage(args: argparse.Namespace) -> int:
         extra["denoise.model"] = args.model
     if args.batch is not None:
         extra["denoise.batch"] = args.batch
+    if args.workers is not None:
+        extra["denoise.workers"] = args.workers
+    if args.listen is not None:
+        extra["denoise.listen"] = args.listen
     config = _config(args, extra)
     _setup_logging(args, config)
     # Imported here: it loads torch, which the other commands do not need.
@@ -769,6 +779,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         config_file=args.config,
         denoise=args.denoise,
         model=args.model,
+        denoise_workers=args.denoise_workers,
+        denoise_listen=args.denoise_listen,
         progress=not args.quiet,
         levels=args.levels,
         stitch_args=_stitch_args(args),

@@ -81,6 +81,8 @@ def run_replay(
     config_file: str | None = None,
     denoise: str = "off",
     model: str | None = None,
+    denoise_workers: int | None = None,
+    denoise_listen: str | None = None,
     progress: bool = True,
     levels: str | None = None,
     stitch_args: list[str] | None = None,
@@ -103,6 +105,9 @@ def run_replay(
     model : str or None
         Denoiser model name or path (default: ``denoise.model`` of the
         configuration, else the shipped default model).
+    denoise_workers, denoise_listen : optional
+        Local denoise worker processes and the address for remote ones
+        (``denoise.workers``, ``denoise.listen``).
     progress : bool
         Show progress on stderr.
     levels : str or None
@@ -131,6 +136,7 @@ def run_replay(
     model_path = check_denoise(denoise, model, config_file)
     options = RunOptions(
         source=source, pace="max", denoise=denoise, model=model,
+        denoise_workers=denoise_workers, denoise_listen=denoise_listen,
         keyframes=keyframes,  # type: ignore[arg-type]
         levels=levels, pixel_size_um=pixel_size_um,
         layout=layout,  # type: ignore[arg-type]

@@ -48,6 +48,8 @@ TIMEOUT_S = 30.0
 REPLAY_FIELDS: dict[str, str] = {
     "denoise": "denoise",
     "model": "model",
+    "denoise_workers": "denoise_workers",
+    "denoise_listen": "denoise_listen",
     "keyframes": "keyframes",
     "pixel_size_um": "pixel_size_um",
     "layout": "layout",

@@ -58,6 +58,11 @@ class RunOptions:
         ``tensorrt``).
     model : str or None
         Denoiser model name or ``.safetensors`` path (only with ``denoise``).
+    denoise_workers : int or None
+        Local denoise worker processes (``denoise.workers``; only with ``denoise``).
+    denoise_listen : str or None
+        ``tcp://HOST:PORT`` for remote denoise workers (``denoise.listen``; only
+        with ``denoise``; off loopback it needs ``bus.curve_dir``).
     keyframes : {"on", "off"} or None
         Keyframe selection; None: on for videos, off for image folders.
     keyframe_overlap : float or None
@@ -93,6 +98,8 @@ class RunOptions:
     pace: str = "native"
     denoise: str = "off"
     model: str | None = None
+    denoise_workers: int | None = None
+    denoise_listen: str | None = None
     keyframes: Toggle | None = None
     keyframe_overlap: float | None = None
     crop: str | None = None
@@ -134,6 +141,9 @@ class RunOptions:
             raise ConfigError(f"model: {self.model!r} is only used with denoise (it is off)")
         if self.model is not None and not self.model.strip():
             raise ConfigError("model: an empty model name")
+        for key in ("denoise_workers", "denoise_listen"):
+            if getattr(self, key) is not None and self.denoise == "off":
+                raise ConfigError(f"{key}: only used with denoise (it is off)")
         if self.keyframes not in (None, "on", "off"):
             raise ConfigError(f"keyframes: {self.keyframes!r} must be on or off")
         if self.layout not in (None, "auto", "raster", "serpentine"):
@@ -254,6 +264,8 @@ class RunOptions:
             ("stitch.grid", self.grid),
             ("stitch.order", self.order),
             ("stitch.overlap", self.overlap),
+            ("denoise.workers", self.denoise_workers),
+            ("denoise.listen", self.denoise_listen),
         )
         for key, value in pairs:
             if value is not None:
@@ -279,6 +291,10 @@ class RunOptions:
             args += ["--denoise", self.denoise]
         if self.model is not None:
             args += ["--model", self.model]
+        if self.denoise_workers is not None:
+            args += ["--denoise-workers", str(self.denoise_workers)]
+        if self.denoise_listen is not None:
+            args += ["--denoise-listen", self.denoise_listen]
         if self.keyframes is not None:
             args += ["--keyframes", self.keyframes]
         if self.pixel_size_um is not None:
@@ -290,6 +306,8 @@ class RunOptions:
         args += self.grid_args()
         if self.allow_predicted:
             args.append("--allow-predicted")
+        if self.analyze:
+            args.append("--analyze")
         if self.config_file is not None:
             args += ["--config", self.config_file]
         return args
@@ -336,6 +354,8 @@ def _field_message(message: str) -> str:
         "stitch.overlap (--overlap)": "overlap",
         "stitch.overlap": "overlap",
         "stitch.serpentine": "serpentine",
+        "denoise.workers": "denoise_workers",
+        "denoise.listen": "denoise_listen",
     }
     for key, name in names.items():
         if message.startswith(key):

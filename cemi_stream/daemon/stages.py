@@ -129,6 +129,10 @@ def stage_commands(
     if options.denoise != "off":
         commands[DENOISE] = [*module, "denoise-stage", "--run-dir", str(run_dir), "--backend",
                              options.denoise, "--model", str(model_path), *common]  # fmt: skip
+        if options.denoise_workers is not None:
+            commands[DENOISE] += ["--workers", str(options.denoise_workers)]
+        if options.denoise_listen is not None:
+            commands[DENOISE] += ["--listen", options.denoise_listen]
         capture += ["--pipe", "denoise"]
         stitch += ["--frames-dir", str(run_dir / DENOISED_DIR)]
     commands[CAPTURE] = capture

@@ -49,6 +49,24 @@ def test_defaults_and_a_full_set_of_options(root: Path) -> None:
     assert RunOptions.from_record(full.to_dict()) == full
 
 
+def test_denoise_workers_analysis_and_their_stage_commands(root: Path) -> None:
+    opts = RunOptions.from_mapping(
+        {"source": "sim:?rows=2", "denoise": "cpu", "denoise_workers": 2,
+         "denoise_listen": "tcp://127.0.0.1:5999", "analyze": True}, root)  # fmt: skip
+    ns = build_parser().parse_args(["replay", "x", "--out", "y", *opts.to_replay_args()])
+    assert (ns.denoise_workers, ns.denoise_listen, ns.analyze) == (2, "tcp://127.0.0.1:5999", True)
+    commands = stage_commands(opts, root / "runs" / "r")
+    assert list(commands) == ["denoise", "capture", "stitch", "analyze"]
+    dn = commands["denoise"]
+    assert dn[dn.index("--workers") + 1] == "2" and "tcp://127.0.0.1:5999" in dn
+    assert commands["analyze"][3:5] == ["analyze-stage", "--run-dir"]
+    for bad, why in (({"denoise_workers": 2}, "only used with denoise"),
+                     ({"denoise": "cpu", "denoise_workers": 0}, "denoise_workers"),
+                     ({"denoise": "cpu", "denoise_listen": "udp://x"}, "tcp://")):  # fmt: skip
+        with pytest.raises(ConfigError, match=why):
+            RunOptions.from_mapping({"source": "sim:", **bad}, root)
+
+
 @pytest.mark.parametrize(
     ("data", "field", "why"),
     [
