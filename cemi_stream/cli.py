@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="auto", metavar="auto|bradley|otsu|multiotsu",
                    help="phase-fraction method (default auto: chosen by measurement)")  # fmt: skip
     p.add_argument("--segmenter", default="classical", metavar="NAME|PATH|none",
-                   help="lamellar regions: classical (default, no training) or none")  # fmt: skip
+                   help="lamellar regions: classical (default, no training), none, or a "
+                        "trained U-Net++ (a shipped NAME or a .safetensors PATH; see "
+                        "train-segmenter)")  # fmt: skip
     p.add_argument("--window", type=int, default=None, metavar="PX",
                    help="Bradley-Roth window (auto: tile width / 4; bradley: width / 8, "
                         "the paper's)")  # fmt: skip
@@ -426,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=60.0, metavar="S", help="wait for the capture")
     _add_common(p)
     p.set_defaults(func=cmd_denoise_stage)
+
+    from .analysis.train import add_parser as add_train_segmenter
+
+    add_train_segmenter(sub, _add_common)
 
     p = sub.add_parser(
         "analyze-stage",

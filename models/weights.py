@@ -15,6 +15,11 @@ The card holds what is needed to rebuild the network (``arch``, see
      "training": {...}, "iterations": 20000, "metrics": {...},
      "created": "2025-01-01T12:00:00+00:00"}
 
+The same two-file layout holds the lamellar segmenters (:mod:`models.unetpp`):
+their cards carry ``"kind": "lamellar-segmenter"`` (denoiser cards have no
+``kind``, or ``"denoiser"``); :func:`write_model_files` / :func:`read_model_files`
+are the architecture-free halves of :func:`save_model` / :func:`load_model`.
+
 Loading never executes code from either file: safetensors is a plain tensor
 container and the card is JSON.  Both files are written atomically (a
 temporary file in the same folder, then ``os.replace``).
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_SUFFIX = ".safetensors"
 CARD_SUFFIX = ".json"
+#: ``ModelCard.kind`` of the denoisers ("" in cards written before kinds existed).
+DENOISER_KIND = "denoiser"
 
 
 def utc_timestamp() -> str:
@@ -72,6 +79,10 @@ class ModelCard:
         ISO 8601 creation time (see :func:`utc_timestamp`).
     format_version : int
         Card format (1).
+    kind : str
+        What the model is for: ``""`` (a denoiser; the key is then not
+        written, as in the cards before kinds existed), ``"denoiser"`` or
+        ``"lamellar-segmenter"``.
     """
 
     name: str
@@ -81,18 +92,28 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    kind: str = ""
+
+    @property
+    def model_kind(self) -> str:
+        """``kind``, with the denoisers' empty kind spelled :data:`DENOISER_KIND`."""
+        return self.kind or DENOISER_KIND
 
     def to_dict(self) -> dict[str, Any]:
-        """The card as a JSON-ready dict (``format_version`` first)."""
-        return {
-            "format_version": self.format_version,
-            "name": self.name,
-            "arch": dict(self.arch),
-            "training": dict(self.training),
-            "iterations": self.iterations,
-            "metrics": dict(self.metrics),
-            "created": self.created,
-        }
+        """The card as a JSON-ready dict (``format_version`` first, ``kind`` after ``name``)."""
+        out: dict[str, Any] = {"format_version": self.format_version, "name": self.name}
+        if self.kind:
+            out["kind"] = self.kind
+        out.update(
+            {
+                "arch": dict(self.arch),
+                "training": dict(self.training),
+                "iterations": self.iterations,
+                "metrics": dict(self.metrics),
+                "created": self.created,
+            }
+        )
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
@@ -121,6 +142,9 @@ class ModelCard:
             value = data[key]
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ModelError(f"{key} must be a {getattr(kind, '__name__', kind)}")
+        model_kind = data.get("kind", "")
+        if not isinstance(model_kind, str):
+            raise ModelError("kind must be a str")
         return cls(
             name=data["name"],
             arch=dict(data["arch"]),
@@ -129,6 +153,7 @@ class ModelCard:
             metrics=dict(data["metrics"]),
             created=data["created"],
             format_version=version,
+            kind=model_kind,
         )
 
 
@@ -156,6 +181,65 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_model_files(path: Path, tensors: Mapping[str, torch.Tensor], card: ModelCard) -> Path:
+    """Write ``tensors`` to ``path`` and ``card`` beside it, atomically (any architecture).
+
+    Parameters
+    ----------
+    path : Path
+        Weights file, ending in ``.safetensors``; the card goes to the same
+        stem with ``.json``.  Missing parent folders are created.
+    tensors : mapping of str to Tensor
+        The state dict; copied to contiguous CPU tensors.
+    card : ModelCard
+        The card, written as given except ``created`` (default now) and
+        ``format_version``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ModelError
+        A wrong suffix or a file that cannot be written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise ModelError(f"{path}: model weights file must end in {WEIGHTS_SUFFIX}")
+    card = dataclasses.replace(
+        card, created=card.created or utc_timestamp(), format_version=FORMAT_VERSION
+    )
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_weights, tmp_card = _tmp_path(path), _tmp_path(card_path(path))
+    try:
+        # One metadata key only: safetensors writes the metadata map in arbitrary
+        # order, and the file's bytes must be reproducible for model_hash.
+        save_file(cpu, str(tmp_weights), metadata={"format": "pt"})
+        # safetensors creates the file owner-only; a shipped model must be readable.
+        os.chmod(tmp_weights, 0o666 & ~_umask())
+        _fsync(tmp_weights)
+        with open(tmp_card, "w", encoding="utf-8") as fh:
+            json.dump(card.to_dict(), fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        # Weights first: a crash between the two renames leaves new weights with
+        # the old card, which the loaders reject if the arch changed.
+        os.replace(tmp_weights, path)
+        os.replace(tmp_card, card_path(path))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write model ({exc})") from None
+    finally:
+        for tmp in (tmp_weights, tmp_card):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_model(model: RRDBNet, path: Path, card: ModelCard) -> Path:
     """Write ``model``'s weights to ``path`` and ``card`` beside it, atomically.
 
@@ -175,8 +259,6 @@ def save_model(model: RRDBNet, path: Path, card: ModelCard) -> Path:
     Path
         ``path``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != WEIGHTS_SUFFIX:
         raise ModelError(f"{path}: model weights file must end in {WEIGHTS_SUFFIX}")
@@ -190,33 +272,8 @@ def save_model(model: RRDBNet, path: Path, card: ModelCard) -> Path:
             raise ModelError(
                 f"{path}: card arch {card.arch} does not describe the model ({actual})"
             )
-    card = dataclasses.replace(
-        card, arch=actual, created=card.created or utc_timestamp(), format_version=FORMAT_VERSION
-    )
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_weights, tmp_card = _tmp_path(path), _tmp_path(card_path(path))
-    try:
-        # One metadata key only: safetensors writes the metadata map in arbitrary
-        # order, and the file's bytes must be reproducible for model_hash.
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-        # safetensors creates the file owner-only; a shipped model must be readable.
-        os.chmod(tmp_weights, 0o666 & ~_umask())
-        _fsync(tmp_weights)
-        with open(tmp_card, "w", encoding="utf-8") as fh:
-            json.dump(card.to_dict(), fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        # Weights first: a crash between the two renames leaves new weights with
-        # the old card, which load_model rejects if the arch changed.
-        os.replace(tmp_weights, path)
-        os.replace(tmp_card, card_path(path))
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot write model ({exc})") from None
-    finally:
-        for tmp in (tmp_weights, tmp_card):
-            tmp.unlink(missing_ok=True)
+    card = dataclasses.replace(card, arch=actual)
+    write_model_files(path, model.state_dict(), card)
     log.info("saved model %s (%s) to %s", card.name, actual, path)
     return path
 
@@ -235,8 +292,30 @@ def read_card(path: Path) -> ModelCard:
         raise ModelError(f"{path}: invalid model card {cpath} ({reason})") from None
 
 
+def read_model_files(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """The state dict (CPU tensors) and card of weights file ``path`` (any architecture).
+
+    Raises
+    ------
+    ModelError
+        Missing file, not a safetensors file, missing or invalid card.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    card = read_card(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own (Rust-side) error types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a valid safetensors file ({reason})") from None
+    return state, card
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[RRDBNet, ModelCard]:
-    """Load a model written by :func:`save_model`.
+    """Load a denoiser written by :func:`save_model`.
 
     Parameters
     ----------
@@ -253,20 +332,14 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[RRDBNet,
     Raises
     ------
     ModelError
-        Missing file, not a safetensors file, missing or invalid card, or
-        weights that do not match the card's arch.
+        Missing file, not a safetensors file, missing or invalid card, a card
+        of another kind of model (e.g. a lamellar segmenter), or weights that
+        do not match the card's arch.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
-    card = read_card(path)
-    try:
-        state = load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own (Rust-side) error types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path}: not a valid safetensors file ({reason})") from None
+    state, card = read_model_files(path)
+    if card.model_kind != DENOISER_KIND:
+        raise ModelError(f"{path}: is a {card.model_kind} model, not a denoiser")
     try:
         model = build_generator(card.arch)
     except ModelError as exc:
@@ -296,6 +369,7 @@ def model_hash(path: Path) -> str:
 
 __all__ = [
     "CARD_SUFFIX",
+    "DENOISER_KIND",
     "FORMAT_VERSION",
     "WEIGHTS_SUFFIX",
     "ModelCard",
@@ -303,6 +377,8 @@ __all__ = [
     "load_model",
     "model_hash",
     "read_card",
+    "read_model_files",
     "save_model",
     "utc_timestamp",
+    "write_model_files",
 ]

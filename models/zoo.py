@@ -1,4 +1,4 @@
-"""Finding a denoiser model by name or path.
+"""Finding a model (denoiser or lamellar segmenter) by name or path.
 
 Shipped models live in :data:`WEIGHTS_DIR` (``models/weights/``) as
 ``NAME.safetensors`` + ``NAME.json`` (see :mod:`models.weights`).  Commands
@@ -36,17 +36,23 @@ def list_models(weights_dir: Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob(f"*{_SUFFIX}") if p.is_file())
 
 
-def _not_found(what: str, folder: Path) -> ModelError:
+def _not_found(what: str, folder: Path, hint: str = _TRAIN_HINT) -> ModelError:
     names = list_models(folder)
     available = ", ".join(names) if names else "none"
-    return ModelError(f"{what}; available models in {folder}: {available}; {_TRAIN_HINT}")
+    return ModelError(f"{what}; available models in {folder}: {available}; {hint}")
 
 
 def _is_bare_name(text: str) -> bool:
     return bool(text) and "/" not in text and "\\" not in text and text not in (".", "..")
 
 
-def resolve_model(name_or_path: str | Path | None, *, weights_dir: Path | None = None) -> Path:
+def resolve_model(
+    name_or_path: str | Path | None,
+    *,
+    weights_dir: Path | None = None,
+    default: str = DEFAULT_MODEL,
+    train_hint: str = _TRAIN_HINT,
+) -> Path:
     """The ``.safetensors`` file a model name or path refers to.
 
     Parameters
@@ -58,6 +64,11 @@ def resolve_model(name_or_path: str | Path | None, *, weights_dir: Path | None =
         of which is named like the folder).
     weights_dir : Path, optional
         The weights folder (default :data:`WEIGHTS_DIR`).
+    default : str
+        The model ``None`` stands for (default :data:`DEFAULT_MODEL`, the
+        denoiser; the lamellar segmenters pass theirs).
+    train_hint : str
+        How to train a model, appended to the not-found messages.
 
     Returns
     -------
@@ -72,9 +83,9 @@ def resolve_model(name_or_path: str | Path | None, *, weights_dir: Path | None =
     """
     folder = _weights_dir(weights_dir)
     if name_or_path is None:
-        path = folder / f"{DEFAULT_MODEL}{_SUFFIX}"
+        path = folder / f"{default}{_SUFFIX}"
         if not path.is_file():
-            raise _not_found(f"default model {DEFAULT_MODEL} not found at {path}", folder)
+            raise _not_found(f"default model {default} not found at {path}", folder, train_hint)
         return path
     text = str(name_or_path)
     # A name from the zoo wins over a same-named entry in the working directory.
@@ -95,12 +106,12 @@ def resolve_model(name_or_path: str | Path | None, *, weights_dir: Path | None =
         if named.is_file():
             return named
         if not candidates:
-            raise ModelError(f"{path}: folder holds no {_SUFFIX} model; {_TRAIN_HINT}")
+            raise ModelError(f"{path}: folder holds no {_SUFFIX} model; {train_hint}")
         raise ModelError(
             f"{path}: folder holds {len(candidates)} {_SUFFIX} models "
             f"({', '.join(p.name for p in candidates[:5])}); name the file"
         )
-    raise _not_found(f"no such model {text!r}", folder)
+    raise _not_found(f"no such model {text!r}", folder, train_hint)
 
 
 __all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "list_models", "resolve_model"]

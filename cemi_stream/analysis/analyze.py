@@ -101,8 +101,9 @@ def measure_tile(
     phase, method, window, t
         Phase-fraction settings (:func:`cemi_stream.analysis.phase.phase_fraction`).
     segmenter : str
-        ``classical`` (the structure-tensor detector) or ``none`` (no lamellar
-        measures).
+        ``classical`` (the structure-tensor detector), ``none`` (no lamellar
+        measures) or the path of a trained segmenter (U-Net++,
+        :mod:`cemi_stream.analysis.segment`).
     """
     from .lamellae import lamellar_mask, lamellar_stats
     from .phase import phase_fraction
@@ -120,8 +121,13 @@ def measure_tile(
     out[0] = 1.0
     out[1] = phase_fraction(tile, valid, method=method, phase=phase, window=window,
                             t=PAPER_T if t is None else t)  # fmt: skip
-    if segmenter == "classical":
-        mask = lamellar_mask(tile, valid)
+    if segmenter != "none":
+        if segmenter == "classical":
+            mask = lamellar_mask(tile, valid)
+        else:  # a trained segmenter's file (loaded once per process)
+            from .segment import load_segmenter
+
+            mask = load_segmenter(segmenter).predict(tile, valid)
         stats = lamellar_stats(tile, mask, valid)
         out[2] = stats.lamellar_fraction
         out[3] = stats.width_px
@@ -252,11 +258,17 @@ def resolve_settings(s: Settings, w: int, n_tiles: int) -> Settings:
         raise AnalysisError(f"--phase {s.phase}: choose dark or bright")
     if s.method not in ("auto", *PHASE_METHODS):
         raise AnalysisError(f"--method {s.method}: choose from auto, {', '.join(PHASE_METHODS)}")
-    if s.segmenter not in ("classical", "none"):
-        raise AnalysisError(
-            f"--segmenter {s.segmenter}: this version has the classical detector "
-            "('classical', the default) or 'none'; trained U-Net++ segmenters are not in yet"
-        )
+    segmenter = s.segmenter
+    if segmenter not in ("classical", "none"):
+        # A trained segmenter: its file, absolute, so that worker processes and
+        # cluster workers load the same one (each once, cemi_stream.analysis.segment).
+        from ..errors import ModelError
+        from .segment import resolve_segmenter
+
+        try:
+            segmenter = str(resolve_segmenter(segmenter).resolve())
+        except ModelError as exc:
+            raise AnalysisError(f"--segmenter {s.segmenter}: {exc}") from None
     if s.scheduler not in ("auto", "threads", "processes", "sync") and "://" not in s.scheduler:
         raise AnalysisError(
             f"--scheduler {s.scheduler}: choose auto, threads, processes or a tcp://HOST:PORT "
@@ -282,7 +294,7 @@ def resolve_settings(s: Settings, w: int, n_tiles: int) -> Settings:
         scheduler = "processes" if many else "threads"
     fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
     return Settings(**{**fields, "method": method, "window": window, "t": t,
-                       "scheduler": scheduler})  # fmt: skip
+                       "scheduler": scheduler, "segmenter": segmenter})  # fmt: skip
 
 
 def plan(source: str | Path, settings: Settings) -> Plan:
@@ -438,6 +450,10 @@ def write_outputs(p: Plan, results: list[np.ndarray], out_dir: Path, seconds: fl
         "peak_rss_mb": round(rss_mb, 1),
         "correlation": _jsonable(correlation) if correlation is not None else None,
     }
+    if run.segmenter not in ("classical", "none"):
+        from .segment import load_segmenter
+
+        summary["segmenter_model"] = load_segmenter(run.segmenter).describe()
     summary.update(extra or {})
     _write_json(out_dir / "analysis.json", _jsonable(summary))
     return summary

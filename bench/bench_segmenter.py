@@ -1,0 +1,171 @@
+"""Lamellar segmenters: the trained U-Net++ beside the classical detector, in one run.
+
+- ``uhcs``: per-image lamellar fraction of every image of
+  ``$CEMI_DATA/uhcs-steel`` (pearlite 40, spheroidite 10, network 10), whole
+  645 x 475 images, for each segmenter; ROC AUC of pearlite (positive)
+  against spheroidite and against network, with a bootstrap 95 % interval.
+  The shipped model never saw these images (trained on ``--sim`` only; the
+  card says what it was trained on), so for it the AUC is held-out; the
+  classical detector's thresholds were chosen on these same images.
+- ``sim``: pixel IoU / Dice on held-out simulated specimens
+  (:mod:`cemi_stream.analysis.simlabels`, series seed 1000, never used in
+  training), and the lamellar fraction error per specimen.
+- ``speed``: ms per 508 x 413 uint8 tile, one torch / OpenCV thread, best of
+  5 per tile, on UHCS crops.
+
+Writes ``bench/results/segmenter.json`` and prints a table.
+
+Usage: ``python -m bench.bench_segmenter [--model NAME|PATH] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bench.common import write_result
+from cemi_stream.analysis.segment import DEFAULT_SEGMENTER, Segmenter, load_segmenter
+from cemi_stream.analysis.simlabels import sim_sample
+from cemi_stream.analysis.train import mask_scores
+
+DATA = Path(os.environ.get("CEMI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+H, W = 413, 508  # the paper's tile
+SIM_SEED = 1000  # held-out simulated series (training uses seed 0)
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney): P(score of a positive > score of a negative), ties half."""
+    gt = (pos[:, None] > neg[None, :]).mean()
+    eq = (pos[:, None] == neg[None, :]).mean()
+    return float(gt + 0.5 * eq)
+
+
+def auc_interval(pos: np.ndarray, neg: np.ndarray, n: int = 2000) -> list[float]:
+    rng = np.random.default_rng(0)
+    boots = [auc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n)]
+    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+
+
+def uhcs_images() -> dict[str, list[tuple[str, np.ndarray]]] | None:
+    root = DATA / "uhcs-steel"
+    if not root.is_dir():
+        return None
+    out: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for cls in ("pearlite", "spheroidite", "network"):
+        out[cls] = []
+        for f in sorted((root / cls).glob("*.jpg")):
+            img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+            if img is not None:
+                out[cls].append((f.name, img))
+    return out
+
+
+def uhcs(seg: Segmenter, images: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, Any]:
+    frac = {
+        cls: {name: float(seg.predict(img).mean()) for name, img in items}
+        for cls, items in images.items()
+    }
+    arr = {k: np.array(list(v.values())) for k, v in frac.items()}
+    out: dict[str, Any] = {"images": {k: len(v) for k, v in frac.items()}}
+    for neg in ("spheroidite", "network"):
+        if arr["pearlite"].size and arr[neg].size:
+            out[f"auc_pearlite_vs_{neg}"] = auc(arr["pearlite"], arr[neg])
+            out[f"auc_pearlite_vs_{neg}_ci95"] = auc_interval(arr["pearlite"], arr[neg])
+    out["fraction_median"] = {k: float(np.median(v)) for k, v in arr.items() if v.size}
+    out["fraction_range"] = {k: [float(v.min()), float(v.max())] for k, v in arr.items() if v.size}
+    out["per_image"] = frac
+    return out
+
+
+def sim(seg: Segmenter, samples: list[Any]) -> dict[str, Any]:
+    preds = [seg.predict(s.image) for s in samples]
+    scores = mask_scores(preds, [s.mask for s in samples])
+    err = [abs(float(p.mean()) - float(s.mask.mean())) for p, s in zip(preds, samples, strict=True)]
+    return {
+        **{k: round(v, 4) for k, v in scores.items()},
+        "fraction_abs_err_mean": round(float(np.mean(err)), 4),
+        "specimens": len(samples),
+    }
+
+
+def speed(seg: Segmenter, tiles: list[np.ndarray]) -> dict[str, Any]:
+    for t in tiles[:2]:
+        seg.predict(t)
+    times = []
+    for t in tiles:
+        best = math.inf
+        for _ in range(5):
+            a = time.perf_counter()
+            seg.predict(t)
+            best = min(best, time.perf_counter() - a)
+        times.append(best * 1e3)
+    return {
+        "tiles": len(tiles),
+        "ms_mean": round(float(np.mean(times)), 1),
+        "ms_max": round(float(np.max(times)), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_SEGMENTER, help="segmenter NAME or PATH")
+    ap.add_argument("--quick", action="store_true", help="fewer simulated specimens")
+    ap.add_argument("--out", default="segmenter", help="result name (bench/results/NAME.json)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    t0 = time.time()
+    segs: dict[str, Segmenter] = {
+        "model": load_segmenter(args.model),
+        "classical": load_segmenter("classical"),
+    }
+    images = uhcs_images()
+    specimens = [sim_sample(i, SIM_SEED, 384) for i in range(40 if args.quick else 120)]
+    tiles = []
+    for cls in ("pearlite", "spheroidite", "network"):
+        for _, img in (images or {}).get(cls, [])[:4]:
+            tiles.append(np.ascontiguousarray(img[:H, :W]))
+    if not tiles:
+        tiles = [sim_sample(i, SIM_SEED, 512)[0][:H, :W].copy() for i in range(6)]
+    result: dict[str, Any] = {"segmenters": {k: s.describe() for k, s in segs.items()}}
+    for key, seg in segs.items():
+        result[key] = {
+            "uhcs": uhcs(seg, images) if images else None,
+            "sim": sim(seg, specimens),
+            "speed": {
+                "threads": 1,
+                "tile": [H, W],
+                "timing": "best of 5 per tile",
+                **speed(seg, tiles),
+            },
+        }
+    path = Path(segs["model"].describe().get("path") or "")
+    if path.is_file():
+        result["model_size_bytes"] = path.stat().st_size
+    result["sim_seed"] = SIM_SEED
+    result["elapsed_s"] = round(time.time() - t0, 1)
+    out = write_result(args.out, result)
+    print(f"{'':10s} {'AUC p/s':>8s} {'95 %':>11s} {'AUC p/n':>8s} {'sim IoU':>8s} {'ms/tile':>8s}")
+    for key in segs:
+        r = result[key]
+        u = r["uhcs"] or {}
+        ci = u.get("auc_pearlite_vs_spheroidite_ci95", [math.nan, math.nan])
+        print(
+            f"{key:10s} {u.get('auc_pearlite_vs_spheroidite', math.nan):8.3f} "
+            f"{ci[0]:5.2f}-{ci[1]:4.2f} {u.get('auc_pearlite_vs_network', math.nan):8.3f} "
+            f"{r['sim']['iou']:8.3f} {r['speed']['ms_mean']:8.1f}"
+        )
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
