@@ -11,9 +11,12 @@
    daemon with no dashboard, then with three dashboard clients (each follows
    the event feed and fetches, for every change, the tiles a page fitted to
    the mosaic shows - as the page does, unchanged tiles from its cache - plus
-   the latest keyframes), alternating ``--repeats`` times.  Target: < 5 % more
-   wall time.  The clients are Python (httpx), not browsers: a browser's own
-   drawing would run on the viewer's computer, not the microscope's.
+   the thumbnails of the keyframes the feed names), alternating ``--repeats``
+   times.  Target: < 5 % more wall time; as wall times move with the load of a
+   shared machine, also measured as the daemon's own CPU beyond a bare run's,
+   against the CPU the run's stages used.  The clients are Python (httpx), not
+   browsers: a browser's own drawing would run on the viewer's computer, not
+   the microscope's.
 
 Usage::
 
@@ -210,7 +213,7 @@ class DashboardClient(threading.Thread):
         self.fetched: dict[tuple[int, int, int], int] = {}
         self.requests = 0
         self.errors = 0
-        self.frames_seq = -1
+        self.keyframes: list[int] = []
         self.frames_fetched: set[int] = set()
 
     def _visible(self) -> list[tuple[int, int, int, int]]:
@@ -241,7 +244,7 @@ class DashboardClient(threading.Thread):
             self.errors += 1
 
     def run(self) -> None:
-        last_fetch = last_keyframes = 0.0
+        last_fetch = 0.0
         dirty = False
         try:
             with self.http.stream("GET", f"/api/runs/{self.run_id}/events") as stream:
@@ -251,7 +254,7 @@ class DashboardClient(threading.Thread):
                         return
                     if line.startswith("event: "):
                         kind = line[7:]
-                    elif line.startswith("data: ") and kind in ("snapshot", "tiles", "frames"):
+                    elif line.startswith("data: ") and kind in ("snapshot", "tiles", "keyframes"):
                         data = json.loads(line[6:])
                         rows = (
                             data["mosaic"]["chunks"] if kind == "snapshot" else data.get("chunks")
@@ -261,8 +264,8 @@ class DashboardClient(threading.Thread):
                             for cx, cy, v in rows or []:
                                 self.versions[(cx, cy)] = v
                             dirty = True
-                        if kind == "frames" and data["frames"]:
-                            self.frames_seq = max(f[0] for f in data["frames"])
+                        if kind in ("snapshot", "keyframes"):  # the feed's choice, as the page
+                            self.keyframes = data["keyframes" if kind == "snapshot" else "frames"]
                     now = time.monotonic()
                     if dirty and now - last_fetch > 0.25:  # the page's throttle
                         dirty, last_fetch = False, now
@@ -270,12 +273,10 @@ class DashboardClient(threading.Thread):
                             if self.fetched.get((k, tx, ty)) != v:  # else: browser cache
                                 self.fetched[(k, tx, ty)] = v
                                 self._get(f"/runs/{self.run_id}/tiles/{k}/{tx}/{ty}.png?v={v}")
-                    if now - last_keyframes > 1.0 and self.frames_seq >= 0:  # the page's pace
-                        last_keyframes = now
-                        for seq in range(max(self.frames_seq - 2, 0), self.frames_seq + 1):
-                            if seq not in self.frames_fetched:  # else: browser cache
-                                self.frames_fetched.add(seq)
-                                self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png?w=384")
+                    for seq in self.keyframes[-3:]:
+                        if seq not in self.frames_fetched:  # else: browser cache
+                            self.frames_fetched.add(seq)
+                            self._get(f"/runs/{self.run_id}/frames/{seq}/raw.png?w=384")
         except httpx.HTTPError:
             self.errors += 1
 
@@ -307,7 +308,8 @@ def paper_run(d: Daemon, source: Path, watchers: int) -> dict[str, Any]:
             "daemon_cpu_s": round(own1 - own0, 2), "stages_cpu_s": round(stages1 - stages0, 2),
             "counts": info["counts"],
             "requests": sum(c.requests for c in clients),
-            "errors": sum(c.errors for c in clients)}  # fmt: skip
+            "errors": sum(c.errors for c in clients),
+            "load_average": [round(v, 2) for v in os.getloadavg()]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         "page_load_lt_1s": page["median_s"] < 1.0,
     }
     if "three_dashboards" in result:
-        result["targets"]["three_dashboards_lt_5pct"] = result["three_dashboards"]["ratio"] < 1.05
+        t = result["three_dashboards"]
+        result["targets"]["three_dashboards_lt_5pct"] = t["ratio"] < 1.05
+        # The same target on the load-independent measure (see part 3).
+        result["targets"]["three_dashboards_cpu_lt_5pct"] = t["cpu_cost_fraction"] < 0.05
     result["load_average"] = os.getloadavg()
     path = write_result("dashboard", result)
     summary = (

@@ -156,11 +156,21 @@ def load_sim(count: int, seed: int, size: int, start: int = 0) -> list[SegSample
     ]
 
 
-def load_weak(folder: Path, names: Sequence[str] | None = None) -> list[SegSample]:
+def load_weak(
+    folder: Path, names: Sequence[str] | None = None, fold: tuple[int, int] | None = None
+) -> list[SegSample]:
     """Images of ``folder`` labelled by the classical detector (weak labels).
 
-    ``names``: file stems (or ``class/stem`` paths relative to ``folder``) to
-    use; None: every image, searched one level deep (``folder/*/*.jpg`` too).
+    Parameters
+    ----------
+    folder : Path
+        Images, searched one level deep too (``folder/*/*.jpg``: class folders).
+    names : sequence of str, optional
+        File stems (or ``class/stem`` paths relative to ``folder``) to use.
+    fold : (int, int), optional
+        ``(i, k)``: in each sub-folder, the images at sorted positions ``i``,
+        ``i + k``, ``i + 2k`` ... only (a split that keeps the classes'
+        proportions; the others stay out for evaluation).
     """
     from .lamellae import lamellar_mask
 
@@ -175,6 +185,17 @@ def load_weak(folder: Path, names: Sequence[str] | None = None) -> list[SegSampl
     if names is not None:
         wanted = set(names)
         files = [p for p in files if p.stem in wanted or _rel(p, folder) in wanted]
+    if fold is not None:
+        i, k = fold
+        if not 0 <= i < k:
+            raise AnalysisError(f"--weak-fold {i}/{k}: expected I/K with 0 <= I < K")
+        position: dict[Path, int] = {}
+        kept = []
+        for p in files:
+            position[p.parent] = position.get(p.parent, -1) + 1
+            if position[p.parent] % k == i:
+                kept.append(p)
+        files = kept
     if not files:
         raise AnalysisError(f"{folder}: no images to weak-label")
     out = []
@@ -206,6 +227,19 @@ def split_names(names: Sequence[str], fraction: float, seed: int) -> tuple[list[
     val = sorted(int(i) for i in order[:n_val])
     train = sorted(int(i) for i in order[n_val:])
     return train, val
+
+
+def parse_fold(text: str | None) -> tuple[int, int] | None:
+    """``"0/2"`` -> ``(0, 2)`` (``--weak-fold``); None or empty -> None."""
+    if not text:
+        return None
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise AnalysisError(f"--weak-fold {text!r}: expected I/K, e.g. 0/2") from None
+    if not 0 <= i < k:
+        raise AnalysisError(f"--weak-fold {text}: expected I/K with 0 <= I < K")
+    return i, k
 
 
 def parse_values(text: str | None) -> list[int] | None:
@@ -345,6 +379,7 @@ __all__ = [
     "load_labelme",
     "load_sim",
     "load_weak",
+    "parse_fold",
     "parse_values",
     "read_grey",
     "split_names",

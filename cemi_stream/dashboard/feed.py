@@ -1,10 +1,11 @@
 """The live event feed of a run: numbered events for dashboards, built from what is on disk.
 
-A :class:`RunFeed` looks at a run about every :data:`POLL_S` seconds - its
-object from the supervisor, the stages' statistics files, the stitcher's
-journal (``stitch.journal``, then ``positions.csv`` once finalised), the
-mosaic's chunk files (:class:`~cemi_stream.dashboard.tiles.ChunkIndex`) and
-the free disk space - and turns what changed into events:
+A :class:`RunFeed` looks at a run about every :data:`POLL_S` seconds - the
+stages' statistics files, the stitcher's journal (``stitch.journal``, then
+``positions.csv`` once finalised), the mosaic's chunk files
+(:class:`~cemi_stream.dashboard.tiles.ChunkIndex`); its object from the
+supervisor every :data:`RUN_POLL_S`, the free disk space every few seconds -
+and turns what changed into events:
 
 ``run``     the run object (state, stages, counts) when it changed;
 ``stats``   one sample per poll while the run is active: per stage frames/s,
@@ -13,6 +14,11 @@ the free disk space - and turns what changed into events:
             (mosaic pixels, top-left corner; provisional positions while the
             run is live, the refined ones - ``replace: true`` - once finalised);
 ``tiles``   mosaic chunks written or rewritten: ``[cx, cy, version]``;
+``keyframes`` the pages' keyframe strip: the newest placed frame, taken at
+            most once per :data:`KEYFRAMES_S` while the run is active, after
+            the ones taken before (:data:`KEYFRAMES` in all; the newest frames
+            when the feed starts).  Every page shows the same frames, so each
+            thumbnail is made once, and a page fetches one new one per update;
 ``alert``   something a person should see at once: ``kind`` (``predicted``,
             ``dropped``, ``restart``, ``disk``, ``denoise_behind``,
             ``failed``) and a one-line ``message``.
@@ -28,6 +34,9 @@ slow, never blocking for the run), and the stages are never asked anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import heapq
 import json
 import logging
 import os
@@ -37,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +56,11 @@ from .tiles import MOSAIC_DIR, ChunkIndex, TileRenderer
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
+#: How often the run object is asked for, s.  It is what the counts, the stage table
+#: and the restart / drop alerts come from, none of which needs the tiles' pace, and
+#: making it reads the stages' statistics and the whole positions table: on the
+#: paper-sized run, 40 % of the feed's time when asked for at every poll.
+RUN_POLL_S = 1.0
 RING_EVENTS = 4096
 #: Samples of the stage charts kept for a snapshot (at POLL_S: the last ~2 minutes).
 HISTORY_SAMPLES = 480
@@ -53,6 +68,13 @@ HISTORY_SAMPLES = 480
 #: it is looked at, seconds.
 ANALYSIS_DIR = "analysis"
 ANALYSIS_POLL_S = 2.0
+#: Placed frames the keyframe strip shows, and how often at most it moves on while
+#: the run is active, s.  One strip for all pages: at the paper run's ~45 frames/s,
+#: pages choosing "the newest three" on timers of their own would each want other
+#: frames, three new ones per update, each a thumbnail encoding (~5 ms) and a
+#: ~90 kB answer.
+KEYFRAMES = 3
+KEYFRAMES_S = 1.0
 #: Alerts kept for a snapshot.
 ALERTS_KEPT = 200
 #: Free space on the data directory below which the ``disk`` alert is raised, bytes.
@@ -75,6 +97,11 @@ class Event:
     def sse(self) -> str:
         """The event in ``text/event-stream`` form."""
         return f"id: {self.seq}\nevent: {self.kind}\ndata: {self.data}\n\n"
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _mean_ms(prev: dict[str, Any] | None, cur: dict[str, Any]) -> float | None:
@@ -119,10 +146,15 @@ class RunFeed:
         self.tiles = TileRenderer(self.chunks)
         self._lock = threading.Lock()
         self._ring: deque[Event] = deque(maxlen=RING_EVENTS)
+        # Streams waiting for events (wait_newer): woken once per poll that emitted any.
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._seq = 0
         self._run: dict[str, Any] = {}
         self._run_json = ""
         self._frames: dict[int, list[Any]] = {}
+        self._keyframes: list[int] = []
+        self._keyframes_t = -KEYFRAMES_S
+        self._keyframes_due = False
         self._journal_pos = 0
         self._journal_ino = -1
         self._positions_final = False
@@ -139,6 +171,8 @@ class RunFeed:
         self._analysis_key = ""
         self._last_analysis_check = 0.0
         self.last_poll = 0.0
+        self._last_run_poll = -RUN_POLL_S
+        self._last_run: dict[str, Any] | None = None
         self.last_wanted = time.monotonic()
 
     # -- events -----------------------------------------------------------------
@@ -162,7 +196,37 @@ class RunFeed:
             if not self._ring or self._ring[0].seq > after + 1:
                 return None
             start = after + 1 - self._ring[0].seq
-            return list(self._ring)[start:]
+            return list(islice(self._ring, start, None))
+
+    async def wait_newer(self, after: int, timeout: float) -> None:
+        """Return once an event numbered above ``after`` exists, or after ``timeout`` seconds.
+
+        For the event streams: they sleep until a poll has something for them,
+        instead of looking at the ring on a timer of their own (each look is
+        a wake-up of the event loop per open page), and send it at once.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = (loop, future)
+        with self._lock:
+            if self._seq > after:
+                return
+            self._waiters.add(waiter)
+        timer = loop.call_later(timeout, _resolve, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._waiters.discard(waiter)
+
+    def _wake(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, set()
+        for loop, future in waiters:
+            # A closed loop raises RuntimeError: nobody is waiting there any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, future)
 
     def snapshot(self) -> Event:
         """The whole current state as one ``snapshot`` event, numbered as the newest event."""
@@ -175,29 +239,43 @@ class RunFeed:
                 "mosaic": self.chunks.snapshot(),
                 "history": list(self._history),
                 "alerts": list(self._alerts),
-                "keyframes": self._keyframes(),
+                "keyframes": self._keyframes,
                 "analysis": self._analysis,
             }
             return Event(self._seq, "snapshot", json.dumps(data, separators=(",", ":")))
-
-    def _keyframes(self, n: int = 4) -> list[int]:
-        seqs = sorted(self._frames)
-        return seqs[-n:]
 
     # -- polling ----------------------------------------------------------------
 
     def poll(self) -> None:
         """Look at the run once and emit what changed (called by :class:`FeedHub`)."""
+        before = self._seq
+        try:
+            self._poll()
+        finally:
+            if self._seq != before:
+                self._wake()
+
+    def _poll(self) -> None:
         now = time.monotonic()
         self.last_poll = now
-        try:
-            run = self._get_run(self.run_id)
-        except Exception as exc:  # a run that vanished: nothing more to tell
-            log.debug("feed %s: %s", self.run_id, exc)
-            return
+        run = self._last_run
+        fresh = run is None or now - self._last_run_poll >= RUN_POLL_S
+        if run is None or fresh:
+            try:
+                run = self._get_run(self.run_id)
+            except Exception as exc:  # a run that vanished: nothing more to tell
+                log.debug("feed %s: %s", self.run_id, exc)
+                return
+            self._last_run, self._last_run_poll = run, now
         changed = self.chunks.scan()  # first: the refined positions need the final origin
-        self._poll_run(run)
-        self._poll_frames(run)
+        if fresh:
+            self._poll_run(run)
+        if self._poll_frames(run):
+            self._keyframes_due = True
+        if self._keyframes_due and (
+            now - self._keyframes_t >= KEYFRAMES_S or run.get("state") not in _ACTIVE
+        ):
+            self._poll_keyframes(now)
         if changed:
             rows = [[cx, cy, v] for (cx, cy), v in sorted(changed.items())]
             m = self.chunks.mosaic
@@ -287,11 +365,12 @@ class RunFeed:
                 self._alert("denoise_behind", f"the denoiser is {lag} frames behind the capture")
             self._denoise_behind = behind
 
-    def _poll_frames(self, run: dict[str, Any]) -> None:
+    def _poll_frames(self, run: dict[str, Any]) -> bool:
+        """Emit the frames placed (or refined) since the last poll; True when there were some."""
         new: list[list[Any]] = []
         final_positions = self.run_dir / "positions.csv"
         if self._positions_final:
-            return  # the refined positions are all there is to tell
+            return False  # the refined positions are all there is to tell
         if run.get("state") == "finished":
             # Finalised: the refined positions (level-0 array pixels + the origin).
             if self.chunks.mosaic.state == "final" and final_positions.is_file():
@@ -315,7 +394,8 @@ class RunFeed:
                     with self._lock:
                         self._frames = refined
                     self._emit("frames", {"replace": True, "frames": sorted(refined.values())})
-            return
+                    return True
+            return False
         try:
             with open(self.run_dir / "stitch.journal", "rb") as f:
                 st = os.fstat(f.fileno())
@@ -326,10 +406,10 @@ class RunFeed:
                 f.seek(self._journal_pos)
                 chunk = f.read()
         except OSError:
-            return
+            return False
         end = chunk.rfind(b"\n")
         if end < 0:
-            return
+            return False
         self._journal_pos += end + 1
         for raw in chunk[: end + 1].splitlines():
             try:
@@ -350,6 +430,24 @@ class RunFeed:
                 for row in new:
                     self._frames[row[0]] = row
             self._emit("frames", {"replace": False, "frames": new})
+        return bool(new)
+
+    def _poll_keyframes(self, now: float) -> None:
+        """Move the keyframe strip on to the newest placed frame (see the module docstring)."""
+        self._keyframes_due = False
+        self._keyframes_t = now
+        with self._lock:
+            if not self._frames:
+                return
+            newest = max(self._frames)
+            if self._keyframes and newest <= self._keyframes[-1]:
+                return
+            if self._keyframes:
+                strip = [*self._keyframes, newest][-KEYFRAMES:]
+            else:
+                strip = sorted(heapq.nlargest(KEYFRAMES, self._frames))
+            self._keyframes = strip
+        self._emit("keyframes", {"frames": strip})
 
     def _poll_stats(self, run: dict[str, Any]) -> None:
         from ..daemon.stats import read_stats

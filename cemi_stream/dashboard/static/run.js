@@ -9,7 +9,7 @@
   const state = {
     run: null, frames: new Map(), frameShape: null, pixelUm: null,
     unit: 1024, chunks: new Map(), mosaicState: "none",
-    history: [], alerts: [], lastSeq: 0, events: 0,
+    history: [], alerts: [], keyframes: [], lastSeq: 0, events: 0,
     // When things happened, for the benchmark and the tests (ms since navigation;
     // chunkLog: [receipt epoch ms, cx, cy, version] of the last chunk notices).
     snapshotAt: null, tilesLoadedAt: null, chunkLog: [],
@@ -257,7 +257,10 @@
       cemi.el("li", { class: a.kind, "data-kind": a.kind, text: `${new Date(a.t * 1000).toLocaleTimeString()} ${a.message}` })));
   }
   function renderKeyframes() {
-    const seqs = [...state.frames.keys()].sort((a, b) => a - b).slice(-3).reverse();
+    // The feed's strip (its keyframes events), not this page's choice: every open page
+    // then asks for the same thumbnails, the daemon makes each once, and each update
+    // brings one new one (the others come from the browser's cache).
+    const seqs = state.keyframes.slice(-3).reverse();
     const key = seqs.join(",") + (hasDenoise() ? "d" : "");
     if (key === keyframesShown) return;
     keyframesShown = key;
@@ -273,27 +276,26 @@
     drawPending = true;
     requestAnimationFrame(() => { drawPending = false; drawOverlay(); });
   }
-  let keyframeTimer = null;
-  function scheduleKeyframes() { if (!keyframeTimer) keyframeTimer = setTimeout(() => { keyframeTimer = null; renderKeyframes(); }, 1000); }
 
   // ---- the event feed ---------------------------------------------------------------
   function setFrames(rows, replace) {
     if (replace) state.frames.clear();
     for (const f of rows) state.frames.set(f[0], f);
-    scheduleDraw(); scheduleKeyframes();
+    scheduleDraw();
   }
   const handlers = {
     snapshot(d) {
       state.run = d.run; state.frameShape = d.frame_shape; state.pixelUm = d.pixel_size_um;
-      state.history = d.history; state.alerts = d.alerts;
+      state.history = d.history; state.alerts = d.alerts; state.keyframes = d.keyframes || [];
       state.chunks.clear();
       setFrames(d.frames, true);
       onChunks(d.mosaic.chunks, d.mosaic.unit_px, d.mosaic.state);
       renderRun(); renderCharts(); renderAlerts(); renderKeyframes(); renderAnalysis(d.analysis);
       if (state.snapshotAt === null) state.snapshotAt = performance.now();
     },
-    run(d) { state.run = d; renderRun(); },
+    run(d) { state.run = d; renderRun(); renderKeyframes(); },  // denoised ones appear with their stage
     frames(d) { setFrames(d.frames, d.replace); },
+    keyframes(d) { state.keyframes = d.frames; renderKeyframes(); },
     tiles(d) {
       if (d.frame_shape) state.frameShape = d.frame_shape;
       if (d.pixel_size_um) state.pixelUm = d.pixel_size_um;

@@ -182,7 +182,8 @@ def test_shipped_model_finds_lamellae_better_than_chance(shipped: ModelSegmenter
     info = shipped.describe()
     assert info["name"] == DEFAULT_SEGMENTER and info["encoder"] == SMALL_ENCODER
     assert Path(info["path"]).stat().st_size < 8 * 2**20
-    assert "train-segmenter" in shipped.card.training["command"]
+    assert "train-segmenter" in shipped.card.training["command_cli"]
+    assert "--weak-fold 0/2" in shipped.card.training["command"]
     tile, region = lamellar_tile()
     mask = shipped.predict(tile)
     iou = (mask & region).sum() / (mask | region).sum()
@@ -202,3 +203,22 @@ def test_shipped_model_windows_agree_with_the_single_pass(shipped: ModelSegmente
     ).predict(tile)
     assert (single == windowed).mean() > 0.97
     assert not math.isnan(float(shipped.probability(tile).mean()))
+
+
+def test_shipped_model_tells_pearlite_from_spheroidite(
+    shipped: ModelSegmenter, data_dir: Path
+) -> None:
+    # Held-out images only: the model's weak labels came from the images at even
+    # sorted positions of each class (--weak-fold 0/2); these are at odd ones.
+    import cv2
+
+    root = data_dir / "uhcs-steel"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    frac = {}
+    for cls in ("pearlite", "spheroidite"):
+        files = sorted((root / cls).glob("*.jpg"))[1::2][:3]
+        frac[cls] = [
+            float(shipped.predict(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)).mean()) for f in files
+        ]
+    assert np.median(frac["pearlite"]) > np.median(frac["spheroidite"]) + 0.2, frac

@@ -120,6 +120,13 @@ def test_tiles_frames_and_their_4xx(served: tuple[Served, str]) -> None:
     raw = s.http.get(f"/runs/{run_id}/frames/3/raw.png", headers=s.auth)
     frame = cv2.imdecode(np.frombuffer(raw.content, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert frame.shape == (240, 320)
+    thumb = s.http.get(f"/runs/{run_id}/frames/3/raw.png?w=160", headers=s.auth)
+    small = cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert frame is not None and small is not None
+    expect = cv2.resize(frame, (160, 120), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(small, expect)
+    again = s.http.get(f"/runs/{run_id}/frames/3/raw.png?w=160", headers=s.auth)
+    assert again.content == thumb.content
     for bad in ("10/raw", "-1/raw", "3/denoised", "3/other", "abc/raw"):
         r = s.http.get(f"/runs/{run_id}/frames/{bad}.png", headers=s.auth)
         assert r.status_code == 404, (bad, r.status_code)
@@ -153,6 +160,7 @@ def test_the_event_feed_starts_with_a_snapshot_and_resumes(served: tuple[Served,
     data = snap["data"]
     assert data["run"]["id"] == run_id and len(data["frames"]) == 10
     assert data["mosaic"]["chunks"] and data["frame_shape"] == [240, 320]
+    assert data["keyframes"] == [7, 8, 9]  # the strip every page shows: the newest three
     # Resuming from an event still kept gives what came after it, not a snapshot.
     assert snap["id"] >= 2
     after = read_events(s, run_id, {"Last-Event-ID": str(snap["id"] - 1)}, 1)

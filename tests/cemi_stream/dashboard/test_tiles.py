@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +15,16 @@ import cv2
 import numpy as np
 import pytest
 
-from cemi_stream.dashboard.feed import RunFeed
-from cemi_stream.dashboard.tiles import MAX_LEVEL, TILE_PX, ChunkIndex, TileError, TileRenderer
+from cemi_stream.dashboard.feed import KEYFRAMES, KEYFRAMES_S, RUN_POLL_S, RunFeed
+from cemi_stream.dashboard.tiles import (
+    MAX_LEVEL,
+    TILE_PX,
+    BytesCache,
+    ChunkIndex,
+    TileError,
+    TileRenderer,
+    encode_png,
+)
 from cemi_stream.stitch.mosaic import open_mosaic
 
 REPO = Path(__file__).resolve().parents[3]
@@ -47,6 +57,7 @@ def test_level_0_tiles_are_the_mosaic_pixels(run_dir: Path) -> None:
         assert np.array_equal(tiles.tile(0, tx, ty), expect)
     png = cv2.imdecode(np.frombuffer(tiles.png(0, 1, 0), np.uint8), cv2.IMREAD_GRAYSCALE)
     assert np.array_equal(png, tiles.tile(0, 1, 0))
+    assert_versions_are_the_newest_of_their_chunks(index)
     # Far outside: an empty tile, version 0; a level out of range is refused.
     assert index.version(0, 500, 500) == 0 and not tiles.tile(0, 500, 500).any()
     with pytest.raises(TileError, match="outside"):
@@ -91,6 +102,24 @@ def test_a_rewritten_chunk_changes_its_tile(tmp_path: Path, run_dir: Path) -> No
                               index.mosaic.origin_xy[1] // index.mosaic.unit_px)]  # fmt: skip
     assert index.version(0, 0, 0) > before_v
     assert not np.array_equal(tiles.tile(0, 0, 0), before)  # the cache did not hide it
+    assert_versions_are_the_newest_of_their_chunks(index)
+
+
+def assert_versions_are_the_newest_of_their_chunks(index: ChunkIndex) -> None:
+    """The versions and bounds the index keeps, against the chunks themselves."""
+    unit = index.mosaic.unit_px
+    xs, ys = [c[0] for c in index.versions], [c[1] for c in index.versions]
+    assert index.bounds() == (min(xs) * unit, min(ys) * unit,
+                              (max(xs) + 1) * unit, (max(ys) + 1) * unit)  # fmt: skip
+    for level in range(MAX_LEVEL + 1):
+        span = TILE_PX * 2**level
+        for tx in range(-1, max(xs) * unit // span + 2):
+            for ty in range(-1, max(ys) * unit // span + 2):
+                expect = max((v for (cx, cy), v in index.versions.items()
+                              if cx * unit < (tx + 1) * span and (cx + 1) * unit > tx * span
+                              and cy * unit < (ty + 1) * span and (cy + 1) * unit > ty * span),
+                             default=0)  # fmt: skip
+                assert index.version(level, tx, ty) == expect, (level, tx, ty)
 
 
 def test_the_feed_of_a_finished_run(run_dir: Path) -> None:
@@ -113,3 +142,97 @@ def test_the_feed_of_a_finished_run(run_dir: Path) -> None:
     assert [e.seq for e in feed.since(0) or []] == list(range(1, n + 1))
     feed.poll()  # nothing changed: no event
     assert feed.seq == n, [e.kind for e in feed.since(n) or []]
+    # The keyframe strip, the same for every page: it starts with the newest frames.
+    newest = sorted(f[0] for f in snap["frames"])[-KEYFRAMES:]
+    assert snap["keyframes"] == newest
+    told = [json.loads(e.data) for e in feed.since(0) or [] if e.kind == "keyframes"]
+    assert told == [{"frames": newest}]
+
+
+def test_the_keyframe_strip_moves_on_one_frame_per_update(tmp_path: Path) -> None:
+    record = {"id": "r", "state": "running", "run_dir": str(tmp_path), "stages": {}}
+    feed = RunFeed("r", lambda _id: dict(record), tmp_path, tmp_path)
+    journal = tmp_path / "stitch.journal"
+
+    def place(*seqs: int) -> None:
+        with open(journal, "a", encoding="utf-8") as f:
+            for q in seqs:
+                row = {"seq": q, "x": 10 * q, "y": 0, "status": "placed", "score": 0.9}
+                f.write(json.dumps(row) + "\n")
+
+    def strips() -> list[list[int]]:
+        events = feed.since(0) or []
+        return [json.loads(e.data)["frames"] for e in events if e.kind == "keyframes"]
+
+    place(0, 1, 2, 3, 4)
+    feed.poll()
+    assert strips() == [[2, 3, 4]]  # the newest frames at the start
+    place(5, 6, 7)
+    feed.poll()  # within KEYFRAMES_S of the last move: not yet
+    assert strips() == [[2, 3, 4]]
+    feed._keyframes_t -= KEYFRAMES_S
+    feed.poll()  # then the newest frame joins: one new thumbnail per page
+    assert strips()[-1] == [3, 4, 7]
+    place(8)
+    record["state"] = "interrupted"  # an ended run's last frame is shown at once
+    feed._last_run_poll -= RUN_POLL_S  # (once the feed has asked for the run again)
+    feed.poll()
+    assert strips()[-1] == [4, 7, 8]
+
+
+def test_event_streams_wait_for_the_poll_that_has_news(run_dir: Path) -> None:
+    record = {"id": "r", "state": "running", "run_dir": str(run_dir), "stages": {}}
+    feed = RunFeed("r", lambda _id: dict(record), run_dir, run_dir)
+    feed.poll()
+    n = feed.seq
+
+    async def waits() -> tuple[float, float]:
+        t0 = time.monotonic()
+        await feed.wait_newer(n, timeout=0.2)  # nothing new: the timeout
+        t1 = time.monotonic()
+        threading.Timer(0.1, feed.poll).start()  # its stats sample (the run is active)
+        await feed.wait_newer(n, timeout=30.0)
+        return t1 - t0, time.monotonic() - t1
+
+    quiet, woken = asyncio.run(waits())
+    assert 0.15 < quiet < 5.0 and woken < 5.0
+    assert feed.seq > n and not feed._waiters
+    asyncio.run(feed.wait_newer(n, timeout=30.0))  # already newer: at once
+
+
+def test_encoded_images_are_made_once_however_many_ask() -> None:
+    cache = BytesCache(2)
+    calls: list[int] = []
+    start = threading.Barrier(4)
+
+    def make() -> bytes:
+        calls.append(1)
+        time.sleep(0.2)  # long enough for every caller to ask meanwhile
+        return b"png"
+
+    def ask() -> None:
+        start.wait()
+        got.append(cache.get("a", make))
+
+    got: list[bytes] = []
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [b"png"] * 4 and len(calls) == 1 and cache.made == 1
+
+    # What make raises goes to its caller; the next one tries again.
+    def fail() -> bytes:
+        raise TileError("broken")
+
+    with pytest.raises(TileError):
+        cache.get("b", fail)
+    assert cache.get("b", lambda: b"ok") == b"ok"
+    cache.get("c", lambda: b"c")  # bounded: the least recently used ("a") goes
+    assert cache.get("a", lambda: b"again") == b"again"
+    # The encoding is lossless.
+    image = np.random.default_rng(1).integers(0, 256, (96, 128), np.uint8)
+    image[:, :40] = 0
+    back = cv2.imdecode(np.frombuffer(encode_png(image), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert back is not None and np.array_equal(back, image)
