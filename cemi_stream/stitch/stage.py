@@ -203,8 +203,16 @@ class Assembler:
             h, w = self.canvas.frame_shape
             box = [x + m, y + m, x + m + w, y + m + h]
             rb = self.rendered_bbox
-            self.rendered_bbox = box if rb is None else [
-                min(rb[0], box[0]), min(rb[1], box[1]), max(rb[2], box[2]), max(rb[3], box[3])]
+            self.rendered_bbox = (
+                box
+                if rb is None
+                else [
+                    min(rb[0], box[0]),
+                    min(rb[1], box[1]),
+                    max(rb[2], box[2]),
+                    max(rb[3], box[3]),
+                ]
+            )
             rest = [(px + m, py + m) for px, py in (positions[s] for s in seqs[k + 1 :])]
             # Chunks no later frame of this row touches are written now; the
             # next row re-opens the ones it overlaps, so RAM holds ~one frame.
