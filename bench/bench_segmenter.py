@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench.bench_lamellae import auc, auc_interval
 from bench.common import write_result
 from cemi_stream.analysis.segment import DEFAULT_SEGMENTER, Segmenter, load_segmenter
 from cemi_stream.analysis.simlabels import sim_sample
@@ -43,19 +44,6 @@ from cemi_stream.analysis.train import mask_scores
 DATA = Path(os.environ.get("CEMI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 H, W = 413, 508  # the paper's tile
 SIM_SEED = 1000  # held-out simulated series (training uses seed 0)
-
-
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney): P(score of a positive > score of a negative), ties half."""
-    gt = (pos[:, None] > neg[None, :]).mean()
-    eq = (pos[:, None] == neg[None, :]).mean()
-    return float(gt + 0.5 * eq)
-
-
-def auc_interval(pos: np.ndarray, neg: np.ndarray, n: int = 2000) -> list[float]:
-    rng = np.random.default_rng(0)
-    boots = [auc(rng.choice(pos, pos.size), rng.choice(neg, neg.size)) for _ in range(n)]
-    return [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
 def uhcs_images() -> dict[str, list[tuple[str, np.ndarray]]] | None:

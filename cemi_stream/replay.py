@@ -34,7 +34,7 @@ from . import __version__
 from .capture.spool import SPOOL_DIR, TABLE_NAME
 from .daemon.options import RunOptions
 from .daemon.run import Run, new_run_id
-from .daemon.stages import ANALYZE, DENOISE, check_denoise
+from .daemon.stages import ANALYSIS_DIR, ANALYZE, DENOISE, check_denoise
 from .errors import CemiError, ConfigError
 from .progress import Progress
 from .stitch.feed import DENOISED_DIR
@@ -181,13 +181,13 @@ def _show_progress(bar: Progress, run: Run) -> None:
         denoised = _count_lines(run_dir / DENOISED_DIR / SPOOL_DIR / TABLE_NAME)
         extra += f", {denoised} denoised"
     if ANALYZE in run.stages:
-        extra += f", {_count_lines(run_dir / 'analysis' / 'tiles.jsonl') + 1} tiles analysed"
+        extra += f", {_count_lines(run_dir / ANALYSIS_DIR / 'tiles.jsonl') + 1} tiles analysed"
     bar.update(stitched, extra)
 
 
 def _analysis_summary(run_dir: Path) -> dict[str, Any]:
     """The analysis stage's outcome, for ``run.json`` and the closing lines."""
-    path = run_dir / "analysis" / "analysis.json"
+    path = run_dir / ANALYSIS_DIR / "analysis.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     return {
         "dir": str(path.parent),

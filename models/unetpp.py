@@ -34,6 +34,7 @@ from torch import nn
 
 from cemi_stream.errors import ModelError
 
+from .rrdbnet import state_dict_mismatch
 from .weights import ModelCard, card_path, read_model_files, write_model_files
 
 log = logging.getLogger(__name__)
@@ -337,16 +338,9 @@ def load_segmenter_model(
         model = build_segmenter(card.arch)
     except ModelError as exc:
         raise ModelError(f"{path}: invalid model card {card_path(path)} ({exc})") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or extra or wrong:
-        first = (missing or extra or wrong)[0]
-        raise ModelError(
-            f"{path}: weights do not match the card's arch ({len(missing)} missing, "
-            f"{len(extra)} unexpected, {len(wrong)} of another shape; first: {first})"
-        )
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ModelError(f"{path}: weights do not match the card's arch ({problem})")
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     return model, card

@@ -135,16 +135,23 @@ def measure_tile(
     return out
 
 
-def _measure_block(block: np.ndarray, **kw: Any) -> np.ndarray:
+def prepare_worker() -> None:
+    """Settings for a process or thread that measures one tile at a time.
+
+    OpenCV's own threads would only fight the scheduler's for the same cores;
+    reusing freed memory spares the page faults of every tile's temporaries
+    (:mod:`cemi_stream.allocator`).  Cheap to call again.
+    """
     import cv2
 
     from ..allocator import keep_freed_memory
 
-    # One tile per worker thread or process: OpenCV's own threads would only
-    # fight the scheduler's for the same cores.  Reusing freed memory spares the
-    # page faults of every tile's temporaries (cemi_stream.allocator).
     cv2.setNumThreads(1)
     keep_freed_memory()
+
+
+def _measure_block(block: np.ndarray, **kw: Any) -> np.ndarray:
+    prepare_worker()
     return measure_tile(np.ascontiguousarray(block), **kw).reshape(1, 1, len(MEASURES))
 
 

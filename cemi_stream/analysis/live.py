@@ -36,17 +36,26 @@ from typing import Any
 
 import numpy as np
 
+from ..daemon.stages import ANALYSIS_DIR
 from ..errors import AnalysisError
-from .analyze import MEASURES, Plan, Settings, measure_tile, plan, resolve_settings, write_outputs
+from ..stitch.stage import MOSAIC_DIR, SETTLED
+from ..stitch.stage import SUMMARY as STITCH_SUMMARY
+from .analyze import (
+    MEASURES,
+    Plan,
+    Settings,
+    measure_tile,
+    plan,
+    prepare_worker,
+    resolve_settings,
+    write_outputs,
+)
 from .tiling import Image, tile_grid
 
 log = logging.getLogger(__name__)
 
-LIVE_DIR = "analysis"
+LIVE_DIR = ANALYSIS_DIR
 JOURNAL = "tiles.jsonl"
-SETTLED = "settled.json"  # written by the stitch stage's renderer
-STITCH_SUMMARY = "stitch.json"
-MOSAIC_DIR = "mosaic.ome.zarr"
 #: A tile is settled this far behind the pending frames (their positions can
 #: still move by the final solve, a few pixels; the blend feather lies inside them).
 SLACK_PX = 64.0
@@ -131,12 +140,7 @@ def _kwargs(run: Settings) -> dict[str, Any]:
 
 
 def _measure(tile: np.ndarray, run: Settings) -> np.ndarray:
-    import cv2
-
-    from ..allocator import keep_freed_memory
-
-    cv2.setNumThreads(1)
-    keep_freed_memory()
+    prepare_worker()
     return measure_tile(np.ascontiguousarray(tile), **_kwargs(run))
 
 

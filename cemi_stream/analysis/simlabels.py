@@ -181,24 +181,32 @@ def _blobs(rng: np.random.Generator, n: int) -> np.ndarray:
     return lo + (hi - lo) * soft
 
 
-def _particles(rng: np.random.Generator, n: int) -> np.ndarray:
-    matrix = float(rng.uniform(0.05, 0.6))
-    bright = float(rng.uniform(matrix + 0.2, 1.0)) if matrix < 0.8 else 1.0
-    r_lo = float(rng.uniform(0.8, 4.0))
-    r_hi = r_lo * float(rng.uniform(1.2, 3.0))
-    cover = float(rng.uniform(0.04, 0.35))
+def _ellipses(rng: np.random.Generator, n: int, r_lo: float, r_hi: float, cover: float,
+              elongation: float) -> np.ndarray:  # fmt: skip
+    """Filled ellipses (radii ``r_lo..r_hi`` px, aspect up to ``elongation``) covering
+    about ``cover`` of an ``n`` x ``n`` float image (1 inside, antialiased)."""
     count = int(cover * n * n / (math.pi * (0.5 * (r_lo + r_hi)) ** 2))
     img = np.zeros((n, n), np.float32)
     for y, x, r, e, a in zip(
         rng.uniform(0, n, count),
         rng.uniform(0, n, count),
         rng.uniform(r_lo, r_hi, count),
-        rng.uniform(1.0, 1.8, count),
+        rng.uniform(1.0, elongation, count),
         rng.uniform(0, 180, count),
         strict=True,
     ):
         axes = (max(1, round(r * e)), max(1, round(r)))
         cv2.ellipse(img, (int(x), int(y)), axes, float(a), 0, 360, 1.0, -1, cv2.LINE_AA)
+    return img
+
+
+def _particles(rng: np.random.Generator, n: int) -> np.ndarray:
+    matrix = float(rng.uniform(0.05, 0.6))
+    bright = float(rng.uniform(matrix + 0.2, 1.0)) if matrix < 0.8 else 1.0
+    r_lo = float(rng.uniform(0.8, 4.0))
+    r_hi = r_lo * float(rng.uniform(1.2, 3.0))
+    cover = float(rng.uniform(0.04, 0.35))
+    img = _ellipses(rng, n, r_lo, r_hi, cover, 1.8)
     img = np.clip(img, 0, 1)
     return matrix + (bright - matrix) * img
 
@@ -209,18 +217,7 @@ def _spheroidite(rng: np.random.Generator, n: int, seed: int) -> np.ndarray:
     r_lo = float(rng.uniform(0.8, 2.0))
     r_hi = r_lo * float(rng.uniform(1.3, 2.5))
     cover = float(rng.uniform(0.12, 0.45))
-    count = int(cover * n * n / (math.pi * (0.5 * (r_lo + r_hi)) ** 2))
-    img = np.zeros((n, n), np.float32)
-    for y, x, r, e, a in zip(
-        rng.uniform(0, n, count),
-        rng.uniform(0, n, count),
-        rng.uniform(r_lo, r_hi, count),
-        rng.uniform(1.0, 2.5, count),
-        rng.uniform(0, 180, count),
-        strict=True,
-    ):
-        axes = (max(1, round(r * e)), max(1, round(r)))
-        cv2.ellipse(img, (int(x), int(y)), axes, float(a), 0, 360, 1.0, -1, cv2.LINE_AA)
+    img = _ellipses(rng, n, r_lo, r_hi, cover, 2.5)
     level = float(rng.uniform(0.6, 1.0))
     out: np.ndarray = matrix + (level - matrix) * np.clip(img, 0, 1)
     return out

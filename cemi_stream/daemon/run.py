@@ -66,7 +66,7 @@ from ..errors import CemiError
 from ..stitch.feed import DENOISED_DIR
 from .lifecycle import spawn
 from .options import RunOptions
-from .stages import ANALYZE, CAPTURE, DENOISE, stage_commands
+from .stages import ANALYSIS_DIR, ANALYZE, CAPTURE, DENOISE, stage_commands
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class Run:
         if name == DENOISE:
             return (self.run_dir / DENOISED_DIR / "denoise.json").is_file()
         if name == ANALYZE:
-            data = _read_json(self.run_dir / "analysis" / "analysis.json") or {}
+            data = _read_json(self.run_dir / ANALYSIS_DIR / "analysis.json") or {}
             return "live" in data  # written by the stage's final step only
         if name == CAPTURE:
             data = _read_json(self.run_dir / "capture.json") or {}

@@ -26,6 +26,8 @@ from ..stitch.feed import DENOISED_DIR
 from .options import RunOptions
 
 CAPTURE, DENOISE, STITCH, ANALYZE = "capture", "denoise", "stitch", "analyze"
+# The analysis stage's folder in a run directory (cemi_stream.analysis.live).
+ANALYSIS_DIR = "analysis"
 # Every stage a run can have, in the order they are started.
 STAGES = (DENOISE, CAPTURE, STITCH, ANALYZE)
 

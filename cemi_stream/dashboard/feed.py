@@ -50,6 +50,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from ..daemon.stages import ANALYSIS_DIR
 from ..stitch.stage import CANVAS_MARGIN_PX
 from .tiles import MOSAIC_DIR, ChunkIndex, TileRenderer
 
@@ -64,9 +65,7 @@ RUN_POLL_S = 1.0
 RING_EVENTS = 4096
 #: Samples of the stage charts kept for a snapshot (at POLL_S: the last ~2 minutes).
 HISTORY_SAMPLES = 480
-#: The analysis's folder in a run directory (cemi_stream.analysis.live) and how often
-#: it is looked at, seconds.
-ANALYSIS_DIR = "analysis"
+#: How often the analysis's folder (its maps and numbers) is looked at, seconds.
 ANALYSIS_POLL_S = 2.0
 #: Placed frames the keyframe strip shows, and how often at most it moves on while
 #: the run is active, s.  One strip for all pages: at the paper run's ~45 frames/s,

@@ -39,9 +39,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from starlette.concurrency import run_in_threadpool
 
 from ..capture.spool import SPOOL_DIR, SpoolReader
+from ..daemon.stages import ANALYSIS_DIR
 from ..errors import CemiError
 from ..stitch.feed import DENOISED_DIR
-from .feed import ANALYSIS_DIR, FeedHub
+from .feed import FeedHub
 from .tiles import MAX_LEVEL, TILE_PX, BytesCache, TileError, encode_png
 
 STATIC = Path(__file__).resolve().parent / "static"
