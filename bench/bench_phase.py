@@ -13,12 +13,15 @@ split and overall, with the pixel accuracy against the labels:
   and multi-Otsu with the other dark-class choice ({0}) for the record;
 - ``auto``: ``phase_fraction(method="auto")`` as shipped (must equal the tuned row);
 - ``constant_50``: no measurement, always 0.5 (what a method must beat);
+- ``model``: ``phase_mask(method="model")`` with the shipped phase segmenter
+  (``phase-unetpp-small``: U-Net++ trained on train, best epoch by val; its
+  train row is in-sample, its test row is not);
 - ``trained_rf``: a reference random forest on scikit-image multiscale features,
   fitted on train pixels only (its train row is in-sample); not shipped.
 
 Writes ``bench/results/phase.json`` and prints a table.
 
-Usage: ``python -m bench.bench_phase [--no-rf]``
+Usage: ``python -m bench.bench_phase [--no-rf] [--no-model]``
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ def main() -> None:
     """Measure, choose the tuned Bradley-Roth on train + val, write the result file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-rf", action="store_true", help="skip the trained reference segmenter")
+    ap.add_argument("--no-model", action="store_true", help="skip the shipped phase model")
     args = ap.parse_args()
     root = DATA / "superalloy-gamma-prime"
     if not (root / "index.csv").is_file():
@@ -198,6 +202,15 @@ def main() -> None:
     run("auto", lambda it: phase_mask(it["image"], method="auto"), "phase_mask(method='auto')")
     methods["constant_50"] = {"note": "no measurement: always 50 %",
                               **score(items, [0.5] * len(items))}  # fmt: skip
+    if not args.no_model:
+        from cemi_stream.analysis.segment import PHASE_KIND, load_segmenter
+
+        seg = load_segmenter(None, kind=PHASE_KIND).describe()
+        tm = time.perf_counter()
+        run("model", lambda it: phase_mask(it["image"], method="model"),
+            f"shipped phase segmenter {seg['name']} (sha256 {str(seg['sha256'])[:12]}); "
+            "fitted on train, best epoch by val: its train row is in-sample")  # fmt: skip
+        methods["model"]["seconds"] = round(time.perf_counter() - tm, 1)
     if not args.no_rf:
         tr = time.perf_counter()
         methods["trained_rf"] = {

@@ -276,8 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=0, metavar="N", help="mosaic pyramid level")
     p.add_argument("--phase", choices=["dark", "bright"], default="dark",
                    help="the phase whose fraction is measured (default dark)")  # fmt: skip
-    p.add_argument("--method", default="auto", metavar="auto|bradley|otsu|multiotsu",
-                   help="phase-fraction method (default auto: chosen by measurement)")  # fmt: skip
+    p.add_argument("--method", default="auto", metavar="auto|bradley|otsu|multiotsu|model",
+                   help="phase-fraction method (default auto: chosen by measurement; model: "
+                        "a trained phase segmenter, see --phase-model)")  # fmt: skip
+    p.add_argument("--phase-model", default=None, metavar="NAME|PATH",
+                   help="--method model: the phase segmenter (default phase-unetpp-small, "
+                        "trained on the labelled superalloys; see train-segmenter "
+                        "--task phase)")  # fmt: skip
     p.add_argument("--segmenter", default="classical", metavar="NAME|PATH|none",
                    help="lamellar regions: classical (default, no training), none, or a "
                         "trained U-Net++ (a shipped NAME or a .safetensors PATH; see "
@@ -446,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, type=Path, metavar="DIR")
     p.add_argument("--tile", metavar="WxH", help="tile size in pixels (config: analysis.tile)")
     p.add_argument("--phase", choices=["dark", "bright"], help="config: analysis.phase")
-    p.add_argument("--method", metavar="auto|bradley|otsu|multiotsu",
+    p.add_argument("--method", metavar="auto|bradley|otsu|multiotsu|model",
                    help="config: analysis.method")  # fmt: skip
+    p.add_argument("--phase-model", metavar="NAME|PATH", help="config: analysis.phase_model")
     p.add_argument("--segmenter", metavar="NAME|PATH|none", help="config: analysis.segmenter")
     _add_common(p)
     p.set_defaults(func=cmd_analyze_stage)
@@ -538,7 +544,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         tile=parse_pair(args.tile, "--tile", int) if args.tile else None,
         tile_um=parse_pair(args.tile_um, "--tile-um", float) if args.tile_um else None,
         level=args.level, phase=args.phase, method=args.method, segmenter=args.segmenter,
-        window=args.window, t=args.t, scheduler=args.scheduler, workers=args.workers,
+        phase_model=args.phase_model, window=args.window, t=args.t, scheduler=args.scheduler,
+        workers=args.workers,
         pixel_size_um=args.pixel_size_um, property_csv=args.property, progress=not args.quiet,
     )  # fmt: skip
     summary = analyze(args.source, args.out, settings)
@@ -726,7 +733,7 @@ def cmd_denoise_stage(args: argparse.Namespace) -> int:
 def cmd_analyze_stage(args: argparse.Namespace) -> int:
     """``analyze-stage``: the analysis process of a run."""
     extra: dict[str, Any] = {}
-    for key in ("tile", "phase", "method", "segmenter"):
+    for key in ("tile", "phase", "method", "segmenter", "phase_model"):
         if getattr(args, key) is not None:
             extra[f"analysis.{key}"] = getattr(args, key)
     config = _config(args, extra)
@@ -739,7 +746,7 @@ def cmd_analyze_stage(args: argparse.Namespace) -> int:
     a = config.analysis
     settings = Settings(
         tile=parse_pair(a.tile, "analysis.tile", int), phase=a.phase, method=a.method,
-        segmenter=a.segmenter, progress=False,
+        segmenter=a.segmenter, phase_model=a.phase_model, progress=False,
     )  # fmt: skip
     stats = StatsWriter(args.run_dir, "analyze")
     stats.start()

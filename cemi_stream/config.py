@@ -274,7 +274,7 @@ class DenoiseConfig:
 
 
 # Phase-fraction methods of the analysis (cemi_stream.analysis.phase; no import here).
-ANALYSIS_METHODS = ("auto", "bradley", "otsu", "multiotsu")
+ANALYSIS_METHODS = ("auto", "bradley", "otsu", "multiotsu", "model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +288,13 @@ class AnalysisConfig:
     phase : {"dark", "bright"}
         The phase whose area fraction is measured.
     method : str
-        Phase-fraction method (``auto``, ``bradley``, ``otsu``, ``multiotsu``).
+        Phase-fraction method (``auto``, ``bradley``, ``otsu``, ``multiotsu``,
+        ``model``).
     segmenter : str
         Lamellar regions: ``classical``, ``none`` or a segmenter model.
+    phase_model : str or None
+        ``method = "model"``: the phase segmenter (name or path); None = the
+        shipped default.
     maps_every_s : float
         Seconds between rewrites of ``RUN_DIR/analysis`` (tiles.csv, maps,
         profiles) while the run goes on.
@@ -300,6 +304,7 @@ class AnalysisConfig:
     phase: Literal["dark", "bright"] = "dark"
     method: str = "auto"
     segmenter: str = "classical"
+    phase_model: str | None = None
     maps_every_s: float = 15.0
 
 
@@ -483,6 +488,10 @@ def _validate(config: Config) -> None:
         )
     if not an.segmenter.strip():
         raise ConfigError("analysis.segmenter: empty (classical, none or a model)")
+    if an.phase_model is not None and an.method != "model":
+        raise ConfigError('analysis.phase_model: only with analysis.method = "model"')
+    if an.phase_model is not None and not an.phase_model.strip():
+        raise ConfigError("analysis.phase_model: empty (a model name or path)")
     if not 0.5 <= an.maps_every_s <= 3600:
         raise ConfigError(f"analysis.maps_every_s: {an.maps_every_s} is outside 0.5..3600 s")
 

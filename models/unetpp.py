@@ -39,8 +39,12 @@ from .weights import ModelCard, card_path, read_model_files, write_model_files
 
 log = logging.getLogger(__name__)
 
-#: ``ModelCard.kind`` of a lamellar segmenter.
+#: ``ModelCard.kind`` of a lamellar segmenter (foreground = lamellar regions).
 KIND = "lamellar-segmenter"
+#: ``ModelCard.kind`` of a phase segmenter (foreground = the dark phase, e.g. gamma').
+PHASE_KIND = "phase-segmenter"
+#: The kinds of model this network is used for.
+KINDS = (KIND, PHASE_KIND)
 #: ``arch["type"]`` of the network.
 ARCH_TYPE = "UnetPlusPlus"
 #: The paper's encoder.
@@ -291,8 +295,8 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     log.info("encoder initialised from %s (%d tensors, %d ignored)", path, len(loaded), ignored)
 
 
-def save_segmenter(model: nn.Module, path: Path, card: ModelCard) -> Path:
-    """Write a segmenter and its card (``kind`` :data:`KIND`) atomically.
+def save_segmenter(model: nn.Module, path: Path, card: ModelCard, kind: str = KIND) -> Path:
+    """Write a segmenter and its card (``kind``, one of :data:`KINDS`) atomically.
 
     Parameters
     ----------
@@ -302,22 +306,31 @@ def save_segmenter(model: nn.Module, path: Path, card: ModelCard) -> Path:
         ``NAME.safetensors``; the card goes to ``NAME.json``.
     card : ModelCard
         The card; its ``arch`` and ``kind`` are filled in from the model.
+    kind : str
+        :data:`KIND` (lamellar regions) or :data:`PHASE_KIND` (a phase).
 
     Returns
     -------
     Path
         ``path``.
+
+    Raises
+    ------
+    ModelError
+        ``kind`` is not one of :data:`KINDS`.
     """
-    card = dataclasses.replace(card, arch=arch_of(model), kind=KIND)
+    if kind not in KINDS:
+        raise ModelError(f"segmenter kind {kind!r}: choose {' or '.join(KINDS)}")
+    card = dataclasses.replace(card, arch=arch_of(model), kind=kind)
     write_model_files(Path(path), model.state_dict(), card)
     log.info("saved segmenter %s (%s) to %s", card.name, card.arch, path)
     return Path(path)
 
 
 def load_segmenter_model(
-    path: Path, device: str | torch.device = "cpu"
+    path: Path, device: str | torch.device = "cpu", kind: str = KIND
 ) -> tuple[nn.Module, ModelCard]:
-    """Load a segmenter written by :func:`save_segmenter`.
+    """Load a segmenter of ``kind`` written by :func:`save_segmenter`.
 
     Returns
     -------
@@ -332,8 +345,8 @@ def load_segmenter_model(
     """
     path = Path(path)
     state, card = read_model_files(path)
-    if card.kind != KIND:
-        raise ModelError(f"{path}: is a {card.model_kind} model, not a {KIND}")
+    if card.kind != kind:
+        raise ModelError(f"{path}: is a {card.model_kind} model, not a {kind}")
     try:
         model = build_segmenter(card.arch)
     except ModelError as exc:
@@ -354,7 +367,9 @@ def parameter_count(model: nn.Module) -> int:
 __all__ = [
     "ARCH_TYPE",
     "KIND",
+    "KINDS",
     "PAPER_ENCODER",
+    "PHASE_KIND",
     "SEGMENTER_ARCHS",
     "SMALL_ENCODER",
     "arch_of",

@@ -41,6 +41,7 @@ from .. import __version__
 from ..errors import AnalysisError
 from .correlate import correlate, read_property
 from .figures import draw_correlation, draw_map, draw_profiles
+from .segment import LAMELLAR_KIND, PHASE_KIND
 from .tiling import Image, open_images, tile_grid, tile_size_px
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Settings:
     phase: str = "dark"
     method: str = "auto"
     segmenter: str = "classical"
+    phase_model: str | None = None
     window: int | None = None
     t: float | None = None
     scheduler: str = "auto"
@@ -88,7 +90,7 @@ def _flat_std(image: np.ndarray) -> float:
 
 def measure_tile(
     tile: np.ndarray, *, zero_is_outside: bool, phase: str, method: str, window: int | None,
-    t: float | None, segmenter: str,
+    t: float | None, segmenter: str, phase_model: str | None = None,
 ) -> np.ndarray:  # fmt: skip
     """The numbers of one tile, in :data:`MEASURES` order (nan where not measured).
 
@@ -98,8 +100,9 @@ def measure_tile(
         2-D ``(y, x)`` pixels.
     zero_is_outside : bool
         0 means "not specimen" (a mosaic's uncovered area).
-    phase, method, window, t
-        Phase-fraction settings (:func:`cemi_stream.analysis.phase.phase_fraction`).
+    phase, method, window, t, phase_model
+        Phase-fraction settings (:func:`cemi_stream.analysis.phase.phase_fraction`;
+        ``phase_model`` is the phase segmenter's file for ``method="model"``).
     segmenter : str
         ``classical`` (the structure-tensor detector), ``none`` (no lamellar
         measures) or the path of a trained segmenter (U-Net++,
@@ -120,7 +123,7 @@ def measure_tile(
         return out
     out[0] = 1.0
     out[1] = phase_fraction(tile, valid, method=method, phase=phase, window=window,
-                            t=PAPER_T if t is None else t)  # fmt: skip
+                            t=PAPER_T if t is None else t, model=phase_model)  # fmt: skip
     if segmenter != "none":
         if segmenter == "classical":
             mask = lamellar_mask(tile, valid)
@@ -133,6 +136,12 @@ def measure_tile(
         out[3] = stats.width_px
         out[4] = stats.count
     return out
+
+
+def tile_kwargs(s: Settings) -> dict[str, Any]:
+    """The keyword arguments of :func:`measure_tile` (but ``zero_is_outside``) from ``s``."""
+    return {"phase": s.phase, "method": s.method, "window": s.window, "t": s.t,
+            "segmenter": s.segmenter, "phase_model": s.phase_model}  # fmt: skip
 
 
 def prepare_worker() -> None:
@@ -197,11 +206,7 @@ def _compute(images: list[Image], w: int, h: int, s: Settings) -> list[np.ndarra
                 new_axis=2,
                 name=f"measure-{im.name}-{w}x{h}",
                 zero_is_outside=im.zero_is_outside,
-                phase=s.phase,
-                method=s.method,
-                window=s.window,
-                t=s.t,
-                segmenter=s.segmenter,
+                **tile_kwargs(s),
             )
         )
         total += int(np.prod(arr.numblocks))
@@ -265,17 +270,14 @@ def resolve_settings(s: Settings, w: int, n_tiles: int) -> Settings:
         raise AnalysisError(f"--phase {s.phase}: choose dark or bright")
     if s.method not in ("auto", *PHASE_METHODS):
         raise AnalysisError(f"--method {s.method}: choose from auto, {', '.join(PHASE_METHODS)}")
+    phase_model = None
+    if s.method == "model":
+        phase_model = _model_file("--phase-model", s.phase_model, PHASE_KIND)
+    elif s.phase_model is not None:
+        raise AnalysisError(f"--phase-model {s.phase_model}: only with --method model")
     segmenter = s.segmenter
     if segmenter not in ("classical", "none"):
-        # A trained segmenter: its file, absolute, so that worker processes and
-        # cluster workers load the same one (each once, cemi_stream.analysis.segment).
-        from ..errors import ModelError
-        from .segment import resolve_segmenter
-
-        try:
-            segmenter = str(resolve_segmenter(segmenter).resolve())
-        except ModelError as exc:
-            raise AnalysisError(f"--segmenter {s.segmenter}: {exc}") from None
+        segmenter = _model_file("--segmenter", segmenter, LAMELLAR_KIND)
     if s.scheduler not in ("auto", "threads", "processes", "sync") and "://" not in s.scheduler:
         raise AnalysisError(
             f"--scheduler {s.scheduler}: choose auto, threads, processes or a tcp://HOST:PORT "
@@ -301,7 +303,20 @@ def resolve_settings(s: Settings, w: int, n_tiles: int) -> Settings:
         scheduler = "processes" if many else "threads"
     fields = {f: getattr(s, f) for f in s.__dataclass_fields__}
     return Settings(**{**fields, "method": method, "window": window, "t": t,
-                       "scheduler": scheduler, "segmenter": segmenter})  # fmt: skip
+                       "scheduler": scheduler, "segmenter": segmenter,
+                       "phase_model": phase_model})  # fmt: skip
+
+
+def _model_file(option: str, spec: str | None, kind: str) -> str:
+    """A trained model's file, absolute, so that worker processes and cluster workers
+    load the same one (each once, :mod:`cemi_stream.analysis.segment`)."""
+    from ..errors import ModelError
+    from .segment import resolve_segmenter
+
+    try:
+        return str(resolve_segmenter(spec, kind).resolve())
+    except ModelError as exc:
+        raise AnalysisError(f"{option} {spec or '(default)'}: {exc}") from None
 
 
 def plan(source: str | Path, settings: Settings) -> Plan:
@@ -461,6 +476,10 @@ def write_outputs(p: Plan, results: list[np.ndarray], out_dir: Path, seconds: fl
         from .segment import load_segmenter
 
         summary["segmenter_model"] = load_segmenter(run.segmenter).describe()
+    if run.phase_model is not None:
+        from .segment import load_segmenter
+
+        summary["phase_model"] = load_segmenter(run.phase_model, kind=PHASE_KIND).describe()
     summary.update(extra or {})
     _write_json(out_dir / "analysis.json", _jsonable(summary))
     return summary

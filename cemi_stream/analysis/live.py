@@ -48,6 +48,7 @@ from .analyze import (
     plan,
     prepare_worker,
     resolve_settings,
+    tile_kwargs,
     write_outputs,
 )
 from .tiling import Image, tile_grid
@@ -134,14 +135,9 @@ class TileJournal:
         self._file.close()
 
 
-def _kwargs(run: Settings) -> dict[str, Any]:
-    return {"zero_is_outside": True, "phase": run.phase, "method": run.method,
-            "window": run.window, "t": run.t, "segmenter": run.segmenter}  # fmt: skip
-
-
 def _measure(tile: np.ndarray, run: Settings) -> np.ndarray:
     prepare_worker()
-    return measure_tile(np.ascontiguousarray(tile), **_kwargs(run))
+    return measure_tile(np.ascontiguousarray(tile), zero_is_outside=True, **tile_kwargs(run))
 
 
 class LiveAnalysis:

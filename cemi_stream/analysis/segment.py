@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 #: The shipped small lamellar model (``models/weights/``).
 DEFAULT_SEGMENTER = "lamellar-unetpp-small"
+#: The shipped phase segmenter (``analyze --method model``): gamma' of the superalloys.
+DEFAULT_PHASE_MODEL = "phase-unetpp-small"
+#: Card kinds: lamellar regions, and a phase (the dark one).
+LAMELLAR_KIND = "lamellar-segmenter"
+PHASE_KIND = "phase-segmenter"
 CLASSICAL = "classical"
 #: Default largest window processed in one forward pass, px (a multiple of 32).
 WINDOW_PX = 1024
@@ -395,12 +400,15 @@ class ModelSegmenter:
 
 # --------------------------------------------------------------------------- loading
 
-_CACHE: dict[tuple[str, str], Segmenter] = {}
+_CACHE: dict[tuple[str, str, str], Segmenter] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def resolve_segmenter(spec: str | Path | None) -> Path:
+def resolve_segmenter(spec: str | Path | None, kind: str = LAMELLAR_KIND) -> Path:
     """The ``.safetensors`` file of a segmenter NAME / PATH / folder (None: the default).
+
+    ``kind`` picks the default: :data:`DEFAULT_SEGMENTER` for lamellar regions,
+    :data:`DEFAULT_PHASE_MODEL` for :data:`PHASE_KIND`.
 
     Raises
     ------
@@ -409,7 +417,8 @@ def resolve_segmenter(spec: str | Path | None) -> Path:
     """
     from models.zoo import resolve_model
 
-    return resolve_model(spec, default=DEFAULT_SEGMENTER, train_hint=_TRAIN_HINT)
+    default = DEFAULT_PHASE_MODEL if kind == PHASE_KIND else DEFAULT_SEGMENTER
+    return resolve_model(spec, default=default, train_hint=_TRAIN_HINT)
 
 
 def _check_device(device: str) -> str:
@@ -423,7 +432,9 @@ def _check_device(device: str) -> str:
     return str(device)
 
 
-def load_segmenter(spec: str | Path | None = None, device: str = "cpu") -> Segmenter:
+def load_segmenter(
+    spec: str | Path | None = None, device: str = "cpu", kind: str = LAMELLAR_KIND
+) -> Segmenter:
     """The segmenter ``spec`` names, loaded once per process and device.
 
     Parameters
@@ -435,6 +446,9 @@ def load_segmenter(spec: str | Path | None = None, device: str = "cpu") -> Segme
     device : str
         ``"cpu"`` or ``"cuda"`` (a model's device; the classical detector
         always runs on the CPU).
+    kind : str
+        :data:`LAMELLAR_KIND` (the default) or :data:`PHASE_KIND`; a model
+        whose card says another kind is refused.
 
     Returns
     -------
@@ -448,8 +462,10 @@ def load_segmenter(spec: str | Path | None = None, device: str = "cpu") -> Segme
         Unknown name, missing or corrupt file, a card of another kind of
         model, weights that do not fit their card, or no CUDA (one line).
     """
-    if spec is not None and str(spec) == CLASSICAL:
-        key = (CLASSICAL, "cpu")
+    if kind not in (LAMELLAR_KIND, PHASE_KIND):
+        raise ModelError(f"segmenter kind {kind!r}: choose {LAMELLAR_KIND} or {PHASE_KIND}")
+    if spec is not None and str(spec) == CLASSICAL and kind == LAMELLAR_KIND:
+        key = (CLASSICAL, "cpu", kind)
         with _CACHE_LOCK:
             if key not in _CACHE:
                 _CACHE[key] = ClassicalSegmenter()
@@ -457,21 +473,21 @@ def load_segmenter(spec: str | Path | None = None, device: str = "cpu") -> Segme
     if spec is not None and str(spec) == "none":
         raise ModelError("segmenter 'none': no segmenter to load (lamellar measures are off)")
     device = _check_device(device)
-    path = resolve_segmenter(spec).resolve()
+    path = resolve_segmenter(spec, kind).resolve()
     try:
         stamp = path.stat().st_mtime_ns
     except OSError as exc:
         raise ModelError(f"{path}: cannot read model file ({exc})") from None
-    key = (f"{path}@{stamp}", device)
+    key = (f"{path}@{stamp}", device, kind)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is None:
             from models.unetpp import load_segmenter_model
 
-            model, card = load_segmenter_model(path, device)
+            model, card = load_segmenter_model(path, device, kind)
             cached = ModelSegmenter(model, card, path, device)
             _CACHE[key] = cached
-            log.info("lamellar segmenter %s loaded from %s on %s", card.name, path, device)
+            log.info("%s %s loaded from %s on %s", kind, card.name, path, device)
         return cached
 
 
@@ -483,8 +499,11 @@ def clear_cache() -> None:
 
 __all__ = [
     "CLASSICAL",
+    "DEFAULT_PHASE_MODEL",
     "DEFAULT_SEGMENTER",
+    "LAMELLAR_KIND",
     "OVERLAP_PX",
+    "PHASE_KIND",
     "WINDOW_PX",
     "ClassicalSegmenter",
     "ModelSegmenter",

@@ -88,6 +88,9 @@ class SegTrainConfig:
         the logits on images with little or no foreground).
     name : str
         Model name (``OUT/NAME.safetensors``).
+    kind : str
+        What the mask is: ``"lamellar-segmenter"`` (lamellar regions) or
+        ``"phase-segmenter"`` (the dark phase; ``--method model``).
     data : dict
         What the images are (recorded in the card).
     command : str
@@ -107,6 +110,7 @@ class SegTrainConfig:
     encoder_weights: str | None = None
     loss: str = "dice"
     name: str = "lamellar-unetpp"
+    kind: str = "lamellar-segmenter"
     data: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -129,6 +133,8 @@ class SegTrainConfig:
             raise ConfigError(f"--device {self.device}: choose cpu or cuda")
         if not _NAME_RE.match(self.name):
             raise ConfigError(f"--name {self.name!r}: letters, digits, '.', '_' and '-' only")
+        if self.kind not in ("lamellar-segmenter", "phase-segmenter"):
+            raise ConfigError(f"kind {self.kind!r}: choose lamellar-segmenter or phase-segmenter")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -536,7 +542,9 @@ def _write_final(run: _Run, sampler: CropSampler, val: list[SegSample]) -> Path:
     card = ModelCard(
         name=config.name, arch={}, training=training, iterations=run.steps, metrics=metrics
     )
-    path = save_segmenter(run.model, run.out_dir / f"{config.name}.safetensors", card)
+    path = save_segmenter(
+        run.model, run.out_dir / f"{config.name}.safetensors", card, kind=config.kind
+    )
     log.info("segmenter written: %s", path)
     return path
 

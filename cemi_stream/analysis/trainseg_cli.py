@@ -32,6 +32,13 @@ from .trainseg_data import (
 
 def _data(args: argparse.Namespace) -> tuple[list[SegSample], list[SegSample], dict[str, Any]]:
     seed = args.seed
+    if args.task == "phase" and (args.sim is not None or args.weak is not None):
+        # both make lamellar-region masks, which are not a phase
+        raise ConfigError(
+            "--task phase: --sim and --weak make lamellar masks; give --images/--masks or --labelme"
+        )
+    if args.val_names and args.sim is not None:
+        raise ConfigError("--val-names: only with --images/--masks or --labelme")
     if args.sim is not None:
         if args.sim < 1 and args.weak is None:
             raise ConfigError(f"--sim {args.sim}: need at least one specimen")
@@ -66,8 +73,16 @@ def _data(args: argparse.Namespace) -> tuple[list[SegSample], list[SegSample], d
                 "masks": str(args.masks),
                 "mask_values": args.mask_values or "non-zero",
             }
-        tr, va = split_names([s.name for s in samples], args.val_fraction, seed)
-        train, val = [samples[i] for i in tr], [samples[i] for i in va]
+        if args.val_names:
+            wanted = set(args.val_names.split(","))
+            unknown = sorted(wanted - {s.name for s in samples})
+            if unknown:
+                raise ConfigError(f"--val-names: no image named {', '.join(unknown)}")
+            train = [s for s in samples if s.name not in wanted]
+            val = [s for s in samples if s.name in wanted]
+        else:
+            tr, va = split_names([s.name for s in samples], args.val_fraction, seed)
+            train, val = [samples[i] for i in tr], [samples[i] for i in va]
         data.update({"train_images": [s.name for s in train], "val_images": [s.name for s in val]})
     if args.weak is not None:
         names = args.weak_names.split(",") if args.weak_names else None
@@ -145,11 +160,21 @@ def add_parser(
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("--loss", choices=LOSSES, default="dice", help="dice (paper) or dice+bce")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--val-names", metavar="A,B", help="these image stems are the validation set (not random)"
+    )
     p.add_argument("--sim-size", type=int, default=288, help="side of a simulated specimen, px")
     p.add_argument("--no-augment", action="store_true", help="crops only: no flips/rotations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    p.add_argument("--name", help="model name (default lamellar-unetpp-ENCODER)")
+    p.add_argument(
+        "--task",
+        choices=["lamellar", "phase"],
+        default="lamellar",
+        help="what the masks mark: lamellar regions (--segmenter) or the dark phase "
+        "(analyze --method model)",
+    )
+    p.add_argument("--name", help="model name (default TASK-unetpp-ENCODER)")
     if add_common is not None:
         add_common(p)
     else:
@@ -197,7 +222,8 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         encoder_weights=str(args.encoder_weights) if args.encoder_weights else None,
         loss=args.loss,
-        name=args.name or f"lamellar-unetpp-{short}",
+        name=args.name or f"{args.task}-unetpp-{short}",
+        kind=f"{args.task}-segmenter",
         data=data,
         command=command,
     )

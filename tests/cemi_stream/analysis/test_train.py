@@ -25,7 +25,7 @@ from cemi_stream.analysis.train import (
     read_train_log,
 )
 from cemi_stream.errors import AnalysisError, ConfigError
-from models.unetpp import KIND
+from models.unetpp import KIND, PHASE_KIND
 
 TINY = ["--decoder-channels", "16,8,8", "--tile", "64", "--batch", "2", "--threads", "1", "-q"]
 
@@ -159,6 +159,31 @@ def test_images_and_masks_and_labelme_sources(tmp_path: Path) -> None:
                 "--images", str(images), "--masks", str(other), "--out", str(tmp_path / "x"), *TINY
             )
         )
+
+
+def test_phase_task_writes_a_phase_segmenter_with_named_validation(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        dark = rng.random((64, 64)) < 0.5
+        u8 = np.where(dark, 60, 180).astype(np.uint8)
+        cv2.imwrite(str(images / f"p{i}.png"), u8)
+        cv2.imwrite(str(masks / f"p{i}_label.png"), dark.astype(np.uint8))
+    out = tmp_path / "phase"
+    base = ("--images", str(images), "--masks", str(masks), "--out", str(out), "--epochs", "1")
+    cmd_train_segmenter(parse(*base, "--task", "phase", "--val-names", "p1", *TINY))
+    card = json.loads((out / "phase-unetpp-small.json").read_text())
+    assert card["kind"] == PHASE_KIND
+    assert card["training"]["data"]["val_images"] == ["p1"]
+    assert card["training"]["data"]["train_images"] == ["p0", "p2"]
+    seg = load_segmenter(str(out / "phase-unetpp-small.safetensors"), kind=PHASE_KIND)
+    assert seg.predict(np.zeros((64, 64), np.uint8) + 100).shape == (64, 64)
+    with pytest.raises(ConfigError, match="--task phase: --sim and --weak make lamellar masks"):
+        cmd_train_segmenter(sim_args(tmp_path / "s", 1, "--task", "phase"))
+    with pytest.raises(ConfigError, match="--val-names: no image named zz"):
+        cmd_train_segmenter(parse(*base, "--val-names", "zz", *TINY))
 
 
 def test_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
