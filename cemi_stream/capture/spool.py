@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
 from ..config import SpoolConfig
 from ..errors import SpoolError
@@ -91,6 +91,21 @@ class FrameSpool:
         self._unsynced: list[int] = []
         self._last_sync = time.monotonic()
         self._closed = False
+        # An uncompressed spool (the default) stores each frame as one raw chunk
+        # file, written here directly: ~0.7 ms per 1024 x 768 frame against
+        # ~3.6 ms through zarr's asynchronous pipeline (2-core EPYC VM), which
+        # was the largest part of the capture's CPU time.  SpoolFrames reads
+        # them back the same way.
+        meta = array.metadata
+        self._raw_dir: Path | None = None
+        if (
+            array.dtype == np.uint8
+            and array.shards is None
+            and tuple(array.chunks) == (1, *array.shape[1:])
+            and len(meta.codecs) == 1
+            and isinstance(meta.codecs[0], BytesCodec)
+        ):
+            self._raw_dir = path / ARRAY_NAME
 
     @classmethod
     def create(
@@ -203,7 +218,7 @@ class FrameSpool:
             if seq >= self._capacity:
                 self._capacity += _GROW_BLOCK
                 self._array.resize((self._capacity, *self._array.shape[1:]))
-            self._array[seq] = image
+            self._write_chunk(seq, image)
             self._table.write(
                 ",".join(
                     (
@@ -228,6 +243,18 @@ class FrameSpool:
         if time.monotonic() - self._last_sync >= self._config.fsync_interval_s:
             self.sync()
         return seq
+
+    def _write_chunk(self, seq: int, image: np.ndarray) -> None:
+        """Store frame ``seq``'s pixels (its table line is written after)."""
+        if self._raw_dir is None:
+            self._array[seq] = image
+            return
+        path = self._raw_dir / self._array.metadata.encode_chunk_key((seq, 0, 0))
+        # Written beside and renamed, as zarr does: a reader never sees half a chunk.
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "wb") as f:
+            f.write(np.ascontiguousarray(image).data)
+        os.replace(tmp, path)
 
     def sync(self) -> None:
         """fsync the chunks written since the last sync, their directory and the table."""

@@ -104,3 +104,24 @@ def test_kill_9_keeps_every_committed_frame(tmp_path: Path) -> None:
     reader = SpoolReader(tmp_path)
     assert len(reader) == 40
     assert all(int(reader.read(i).image[0, 0]) == i for i in range(40))
+
+
+def test_raw_chunks_written_directly_read_back_through_zarr(tmp_path: Path) -> None:
+    # The uncompressed spool writes its chunk files itself; zarr must read them
+    # back unchanged, also for a frame that is a strided view (a crop) and
+    # after the spool is reopened for appending (a restarted capture).
+    frames = _frames(5, (48, 64))
+    views = [Frame(f.image[::2, ::2], f.meta) for f in frames]
+    spool = FrameSpool.create(tmp_path, (24, 32), SpoolConfig(compression="none"))
+    for f in views[:3]:
+        spool.append(f)
+    spool.close()
+    spool = FrameSpool.open_append(tmp_path, SpoolConfig(compression="none"))
+    for f in views[3:]:
+        spool.append(f)
+    spool.close()
+    reader = SpoolReader(tmp_path)
+    assert len(reader) == 5
+    for i, f in enumerate(views):
+        np.testing.assert_array_equal(reader.image(i), f.image)
+    assert not list((tmp_path / SPOOL_DIR).rglob("*.partial"))
