@@ -8,6 +8,7 @@ message to stderr and returns 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -954,6 +955,20 @@ def is_no_space(exc: BaseException) -> bool:
     return False
 
 
+def _say_error(line: str) -> None:
+    """Print the one-line error; a stderr that cannot be written must not hide the exit code.
+
+    A stage's stderr is a file in its run directory: on a full disk the line
+    cannot be written, and the exit status (28) is then all the supervisor
+    gets.
+    """
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the exit flush must not fail either
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
@@ -964,14 +979,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except CemiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(f"error: {exc}")
         return EXIT_NO_SPACE if is_no_space(exc) else EXIT_USER_ERROR
     except OSError as exc:
         if not is_no_space(exc):
             raise
         # A write outside the library's own checks (a log file, a temporary file).
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(f"error: {exc}")
         return EXIT_NO_SPACE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say_error("interrupted")
         return EXIT_INTERRUPTED

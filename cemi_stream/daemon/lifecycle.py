@@ -189,6 +189,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    stdin: int | IO[Any] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a child process that will arm its parent-death guard against us.
 
@@ -206,9 +207,12 @@ def spawn(
         Marks the child's environment with :data:`RUN_ENV`.
     cwd : path or None
         Working directory.
+    stdin : file, int or None
+        As for :class:`subprocess.Popen` (None: inherited).
     """
     return subprocess.Popen(
         list(command),
+        stdin=stdin,
         stdout=stdout,
         stderr=stderr,
         env=guarded_env(env, run_dir=run_dir),

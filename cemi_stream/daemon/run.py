@@ -47,6 +47,7 @@ any thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ from .. import __version__
 from ..capture.spool import SPOOL_DIR
 from ..errors import CemiError
 from ..stitch.feed import DENOISED_DIR
+from . import standby
 from .lifecycle import spawn
 from .options import RunOptions
 from .stages import ANALYSIS_DIR, ANALYZE, CAPTURE, DENOISE, stage_commands
@@ -81,9 +83,17 @@ TERMINATE_GRACE_S = 10.0
 # After a stop request, how long the capture's downstream stages may take to
 # finish what was captured before they are sent SIGTERM too, seconds.
 STOP_DRAIN_S = 60.0
-BACKOFF_FIRST_S = 0.2
+# The first restart comes this soon (a crash is rarely immediate again, and a
+# crash loop is still slowed down: the delay doubles per recent restart).
+BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 POLL_S = 0.05
+# A stage's warm spare (cemi_stream.daemon.standby) is started this long after
+# the stage (re)started, seconds: after its first start so that the spares'
+# imports do not compete with the stages' own, and after a restart so that
+# the restarted stage catches up first.
+SPARE_DELAY_S = 1.0
+SPARE_DELAY_AFTER_RESTART_S = 3.0
 # Exit status of a stage that stopped on SIGINT/SIGTERM (cemi_stream.cli.EXIT_INTERRUPTED).
 EXIT_INTERRUPTED = 130
 # Exit status of a stage that ran out of disk space (cemi_stream.cli.EXIT_NO_SPACE).
@@ -189,6 +199,10 @@ class StageProcess:
         The last line of its stderr when it last failed.
     restart_at : float or None
         Monotonic time of a scheduled restart.
+    spare : subprocess.Popen or None
+        The stage's warm spare (:mod:`~cemi_stream.daemon.standby`), if any.
+    spare_at : float or None
+        Monotonic time at which a spare is to be started.
     """
 
     name: str
@@ -202,11 +216,18 @@ class StageProcess:
     restart_at: float | None = None
     started_at: float = 0.0
     signalled_at: float | None = None
+    spare: subprocess.Popen[bytes] | None = None
+    spare_at: float | None = None
 
     @property
     def pid(self) -> int | None:
         """Pid of the current process, while it runs."""
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    @property
+    def spare_pid(self) -> int | None:
+        """Pid of its warm spare, while there is one."""
+        return self.spare.pid if self.spare is not None and self.spare.poll() is None else None
 
 
 class Run:
@@ -235,6 +256,9 @@ class Run:
     resume : bool
         Start only the stages that have not completed, each resuming from
         its own record.
+    spares : bool
+        Keep a warm spare process per stage (:mod:`~cemi_stream.daemon.standby`)
+        so that a restart skips the imports; only when ``max_restarts > 0``.
     """
 
     def __init__(
@@ -250,6 +274,7 @@ class Run:
         record: bool = True,
         resume: bool = False,
         created: float | None = None,
+        spares: bool = False,
     ) -> None:
         self.id = run_id
         self.run_dir = Path(run_dir)
@@ -259,6 +284,7 @@ class Run:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.record = record
         self.resume = resume
+        self.spares = spares and max_restarts > 0
         self.state = "starting"
         self.reason: str | None = None
         self.culprit: str | None = None
@@ -391,15 +417,48 @@ class Run:
             # left by a stopped one would tell the consumers it had finished.
             command = [*command, "--resume"]
             (self.run_dir / "capture.json").unlink(missing_ok=True)
-        stage.proc = spawn(
-            command, stdout=subprocess.DEVNULL, stderr=log_file, run_dir=self.run_dir
-        )
+        spare, stage.spare = stage.spare, None
+        args = standby.handoff_args(command)
+        how = "started"
+        if spare is not None and args is not None and standby.hand_over(spare, args):
+            stage.proc, how = spare, "started from its warm spare"
+        else:
+            if spare is not None:
+                standby.retire(spare)
+            stage.proc = spawn(
+                command, stdout=subprocess.DEVNULL, stderr=log_file, run_dir=self.run_dir
+            )
+        restarted = stage.state == "restarting"
         stage.state = "running"
         stage.started_at = time.monotonic()
         stage.restart_at = None
+        if self.spares and args is not None:
+            delay = SPARE_DELAY_AFTER_RESTART_S if restarted else SPARE_DELAY_S
+            stage.spare_at = stage.started_at + delay
         level = logging.INFO if self.record else logging.DEBUG  # replay stays quiet
-        log.log(level, "run %s: %s started (pid %d)", self.id, stage.name, stage.proc.pid)
+        log.log(level, "run %s: %s %s (pid %d)", self.id, stage.name, how, stage.proc.pid)
         self.save()
+
+    def _tend_spares(self, logs: dict[str, IO[str]], now: float) -> None:
+        """Start the spares that are due; let go of those of stages that ended."""
+        for name, stage in self.stages.items():
+            if stage.state in ("done", "stopped", "failed") or self._stop.is_set():
+                self._retire_spare(stage)
+            elif (
+                stage.state == "running"
+                and stage.spare is None
+                and stage.spare_at is not None
+                and now >= stage.spare_at
+            ):
+                stage.spare_at = None
+                stage.spare = standby.start_spare(name, logs[name], self.run_dir)
+
+    @staticmethod
+    def _retire_spare(stage: StageProcess) -> None:
+        stage.spare_at = None
+        if stage.spare is not None:
+            spare, stage.spare = stage.spare, None
+            standby.retire(spare)
 
     def _complete(self, name: str) -> bool:
         """Whether stage ``name`` finished in an earlier process (resume)."""
@@ -462,6 +521,8 @@ class Run:
                         self._spawn(stage, logs[name])
             if self._stop.is_set():
                 self._advance_stop(now)
+            if self.spares:
+                self._tend_spares(logs, now)
             if all(s.state in ("done", "stopped", "failed") for s in self.stages.values()):
                 return
             if tick is not None and now - last_tick >= 0.2:
@@ -513,6 +574,12 @@ class Run:
         """A stage died: schedule its restart, or give the run up."""
         code = stage.exit_code if stage.exit_code is not None else -1
         line = why or _last_line(self.run_dir / f"{stage.name}.stderr")
+        if not line and code == EXIT_NO_SPACE:
+            # Its stderr is on the full disk too: the exit status is all there is.
+            line = (
+                f"{os.strerror(errno.ENOSPC)} (exit status {EXIT_NO_SPACE}, "
+                "nothing could be logged)"
+            )
         stage.last_error = line or f"no error output (see {self.run_dir / stage.name}.stderr)"
         message = f"{stage.name} process failed ({_describe_exit(code)}): {stage.last_error}"
         now = time.monotonic()
@@ -588,6 +655,8 @@ class Run:
                 s.state = "stopped"
 
     def _kill_all(self) -> None:
+        for stage in self.stages.values():
+            self._retire_spare(stage)
         self._terminate(list(self.stages.values()))
 
     def _conclude(self) -> None:
@@ -616,6 +685,7 @@ class Run:
                     "restarts": s.restarts,
                     "exit_code": s.exit_code,
                     "last_error": s.last_error,
+                    "spare_pid": s.spare_pid,
                 }
                 for s in self.stages.values()
             }

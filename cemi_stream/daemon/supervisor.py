@@ -64,6 +64,10 @@ class Supervisor:
     min_free_bytes : int
         Free space the data directory must have for a new run to start
         (default :data:`MIN_FREE_BYTES`).
+    spares : bool
+        Keep a warm spare process per running stage, so that a stage that
+        died is running again without Python's start-up and imports
+        (:mod:`~cemi_stream.daemon.standby`).
 
     Notes
     -----
@@ -79,9 +83,11 @@ class Supervisor:
         restart_window_s: float = 60.0,
         heartbeat_timeout_s: float | None = 30.0,
         min_free_bytes: int = MIN_FREE_BYTES,
+        spares: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.min_free_bytes = min_free_bytes
+        self.spares = spares
         self.runs_dir = self.data_dir / RUNS_DIR
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.max_restarts = max_restarts
@@ -148,7 +154,7 @@ class Supervisor:
             run = Run(
                 run_id, run_dir, options, model_path=model_path,
                 max_restarts=self.max_restarts, restart_window_s=self.restart_window_s,
-                heartbeat_timeout_s=self.heartbeat_timeout_s,
+                heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares,
             )  # fmt: skip
             run.save()
             self._runs[run_id] = run
@@ -252,7 +258,7 @@ class Supervisor:
             new = Run(
                 run_id, run_dir, options, model_path=model_path, resume=True, created=created,
                 max_restarts=self.max_restarts, restart_window_s=self.restart_window_s,
-                heartbeat_timeout_s=self.heartbeat_timeout_s,
+                heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares,
             )  # fmt: skip
             self._runs[run_id] = new
             self._past.pop(run_id, None)
@@ -292,6 +298,7 @@ def _past_snapshot(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             "restarts": st.get("restarts", 0),
             "exit_code": st.get("exit_code"),
             "last_error": st.get("last_error"),
+            "spare_pid": None,
         }
     options = record.get("options") if isinstance(record.get("options"), dict) else {}
     base = {
