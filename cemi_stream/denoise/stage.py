@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -181,7 +182,7 @@ def run_denoise_stage(
         frame already denoised has been committed to the denoised spool.
     """
     # First: a stage spawned by replay or the daemon stops when its parent dies.
-    arm_parent_guard()
+    stage_process = arm_parent_guard()
     run_dir = Path(run_dir)
     out = denoised_dir(run_dir)
     started = time.monotonic()
@@ -190,6 +191,10 @@ def run_denoise_stage(
         return _already_complete(out)
     cfg = config.denoise
     denoiser = Denoiser(cfg.model, cfg.backend, tile_px=cfg.tile_px)
+    if stage_process and denoiser.backend in ("cpu", "onnx") and cfg.cpu_nice:
+        # Only in a stage process of a run (never in a program that called this
+        # function); local workers started below inherit it (DenoiseConfig.cpu_nice).
+        os.nice(cfg.cpu_nice)
     summary = DenoiseSummary(
         run_id=new_run_id(),
         backend=denoiser.backend,

@@ -45,6 +45,7 @@ def test_toml_file_and_overrides(tmp_path: Path) -> None:
         ({"bus.pipes": ["bad name"]}, "not a valid pipe name"),
         ({"spool.memory_frames": 0}, "at least 1"),
         ({"log_level": "LOUD"}, "log_level"),
+        ({"denoise.cpu_nice": 20}, "denoise.cpu_nice: 20 is outside 0..19"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict[str, object], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,3 +120,33 @@ def test_a_killed_stage_restarts_from_its_warm_spare(tmp_path: Path) -> None:
         assert run_processes(run_dir) == []
     finally:
         sup.shutdown(10)
+
+
+def _niceness(pid: int) -> int:
+    # /proc/PID/stat field 19 (after the command name in parentheses: index 16).
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.e2e
+def test_the_cpu_denoiser_of_a_run_yields_to_the_capture(tmp_path: Path) -> None:
+    # DenoiseConfig.cpu_nice: the denoise stage process lowers its priority on
+    # the CPU backend; the capture and the stitcher keep the daemon's.
+    sup = Supervisor(tmp_path / "data", max_restarts=3, restart_window_s=60)
+    try:
+        run_id = sup.start(RunOptions(source=SOURCE, pace="4", denoise="cpu"))
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 90
+        while len(seen) < 3 and time.monotonic() < deadline:
+            stages = sup.get(run_id)["stages"]
+            for name in ("capture", "denoise", "stitch"):
+                pid = stages[name]["pid"]
+                if pid and name not in seen and (sup.runs_dir / run_id / "bus.json").exists():
+                    with contextlib.suppress(OSError):
+                        seen[name] = _niceness(pid)
+            time.sleep(0.05)
+        assert seen.get("capture") == base and seen.get("stitch") == base, seen
+        assert seen.get("denoise") == min(base + 10, 19), seen
+        sup.stop(run_id)
+    finally:
+        sup.shutdown(30)
