@@ -67,6 +67,22 @@ def _codec(name: str) -> list[Any] | None:
     return None
 
 
+def raw_chunks(array: Any) -> bool:
+    """Whether a spool array stores each frame as one uncompressed chunk file.
+
+    Such chunk files are the frame's bytes as they are, so they can be
+    written and read directly, bypassing zarr's asynchronous pipeline.
+    """
+    meta = array.metadata
+    return bool(
+        array.dtype == np.uint8
+        and array.shards is None
+        and tuple(array.chunks) == (1, *array.shape[1:])
+        and len(meta.codecs) == 1
+        and isinstance(meta.codecs[0], BytesCodec)
+    )
+
+
 def _fmt(value: float | int | None) -> str:
     return "" if value is None else repr(value)
 
@@ -96,16 +112,7 @@ class FrameSpool:
         # ~3.6 ms through zarr's asynchronous pipeline (2-core EPYC VM), which
         # was the largest part of the capture's CPU time.  SpoolFrames reads
         # them back the same way.
-        meta = array.metadata
-        self._raw_dir: Path | None = None
-        if (
-            array.dtype == np.uint8
-            and array.shards is None
-            and tuple(array.chunks) == (1, *array.shape[1:])
-            and len(meta.codecs) == 1
-            and isinstance(meta.codecs[0], BytesCodec)
-        ):
-            self._raw_dir = path / ARRAY_NAME
+        self._raw_dir = path / ARRAY_NAME if raw_chunks(array) else None
 
     @classmethod
     def create(

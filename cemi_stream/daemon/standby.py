@@ -63,15 +63,7 @@ def handoff_args(command: Sequence[str]) -> list[str] | None:
         The arguments after ``PYTHON -m cemi_stream`` when ``PYTHON`` is this
         interpreter, else None.
     """
-    if (
-        len(command) >= 3
-        and command[0] == sys.executable
-        and list(command[1:3])
-        == [
-            "-m",
-            "cemi_stream",
-        ]
-    ):
+    if list(command[:3]) == [sys.executable, "-m", "cemi_stream"]:
         return list(command[3:])
     return None
 
@@ -110,7 +102,7 @@ def hand_over(spare: subprocess.Popen[bytes], args: Sequence[str]) -> bool:
     try:
         spare.stdin.write(line)
         spare.stdin.close()
-    except (BrokenPipeError, OSError):
+    except OSError:  # the spare died meanwhile (a broken pipe)
         retire(spare)
         return False
     return True

@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec
 
 from ..bus.auth import KeyPair
 from ..bus.protocol import Kind
 from ..bus.transport import FrameReceiver, read_endpoints
-from ..capture.spool import ARRAY_NAME, SPOOL_DIR, SpoolReader
+from ..capture.spool import ARRAY_NAME, SPOOL_DIR, SpoolReader, raw_chunks
 from ..errors import BusError
 from ..frame import Frame
 
@@ -263,16 +262,8 @@ class SpoolFrames:
             array: Any = zarr.open_array(str(array_dir), mode="r")
         except (OSError, ValueError, KeyError):
             return  # SpoolReader opened it: read through it
-        meta = array.metadata
-        raw = (
-            array.dtype == np.uint8
-            and array.shards is None
-            and tuple(array.chunks) == (1, *self._shape)
-            and len(meta.codecs) == 1
-            and isinstance(meta.codecs[0], BytesCodec)
-        )
-        if raw:
-            self._dir, self._meta = array_dir, meta
+        if raw_chunks(array):
+            self._dir, self._meta = array_dir, array.metadata
 
     def image(self, seq: int) -> np.ndarray:
         """Pixels of frame ``seq``, uint8 ``(y, x)``."""
